@@ -1,0 +1,13 @@
+"""upfeat: sharp, full-resolution features for any vision backbone.
+
+Implements FeatUp (Fu, Hamilton et al., ICLR 2024) with fast, exact CPU kernels.
+"""
+from importlib.metadata import PackageNotFoundError, version as _version
+
+
+try:
+    __version__ = _version("upfeat")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+local"
+
+__all__ = ["ops", "__version__"]

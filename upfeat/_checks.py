@@ -1,0 +1,57 @@
+"""Input validation helpers with clear, typed errors (in the spirit of kornia's ``KORNIA_CHECK``).
+
+Every public entry point validates its tensors here so a user sees *which* argument is wrong and
+how, never a stack trace from deep inside torch.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class ShapeError(ValueError):
+    """A tensor has the wrong number of dimensions or the wrong size."""
+
+
+def check(cond: bool, msg: str, exc: type[Exception] = ValueError) -> None:
+    """Raise ``exc(msg)`` unless ``cond`` holds."""
+    if not cond:
+        raise exc(msg)
+
+
+def check_tensor(x: object, name: str) -> torch.Tensor:
+    """Return ``x`` if it is a tensor, else raise ``TypeError`` naming ``name``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_shape(x: torch.Tensor, dims: Sequence[str], name: str) -> dict[str, int]:
+    """Check ``x.ndim == len(dims)`` and return ``{dim_name: size}``.
+
+    Example:
+        >>> check_shape(torch.zeros(2, 3, 4, 5), ["B", "C", "H", "W"], "feat")
+        {'B': 2, 'C': 3, 'H': 4, 'W': 5}
+    """
+    check_tensor(x, name)
+    if x.ndim != len(dims):
+        raise ShapeError(
+            f"{name} must have shape ({', '.join(dims)}) ({len(dims)} dims), "
+            f"got {x.ndim} dims with shape {tuple(x.shape)}"
+        )
+    return dict(zip(dims, (int(s) for s in x.shape)))
+
+
+def check_floating(x: torch.Tensor, name: str) -> None:
+    """Require a floating-point dtype (fp16, bf16, fp32, fp64)."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_same(tensors: dict[str, torch.Tensor], attr: str) -> None:
+    """Require every tensor to share ``attr`` ('dtype' or 'device')."""
+    values = {name: getattr(t, attr) for name, t in tensors.items()}
+    if len(set(values.values())) > 1:
+        desc = ", ".join(f"{name}.{attr}={v}" for name, v in values.items())
+        raise (TypeError if attr == "dtype" else ValueError)(f"{attr} mismatch: {desc}")

@@ -1,0 +1,22 @@
+"""Custom ops of upfeat, each with a reference implementation and fast backends.
+
+- :func:`adaptive_conv`: per-pixel k x k convolution (the JBU's cost centre).
+- :func:`local_dot`: k x k local dot products (the JBU range kernel's logits).
+- :func:`jbu_kernel`: the joint-bilateral range x spatial kernel built on :func:`local_dot`.
+"""
+from .adaptive_conv import BACKENDS, adaptive_conv, can_run, choose_backend, local_dot
+from .adaptive_conv.reference import adaptive_conv_reference, local_dot_reference
+from .jbu_kernel import jbu_kernel, jbu_kernel_reference, spatial_log_kernel
+
+__all__ = [
+    "BACKENDS",
+    "adaptive_conv",
+    "adaptive_conv_reference",
+    "can_run",
+    "choose_backend",
+    "jbu_kernel",
+    "jbu_kernel_reference",
+    "local_dot",
+    "local_dot_reference",
+    "spatial_log_kernel",
+]

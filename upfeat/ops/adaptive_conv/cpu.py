@@ -1,0 +1,160 @@
+"""Fast CPU backend: a C++/OpenMP extension built on first use with ``torch.utils.cpp_extension``.
+
+The three kernels (``fwd``, ``tr``, ``corr``, see ``csrc/adaptive_conv.cpp``) are registered as
+``torch.library`` custom ops (so ``torch.compile`` can trace through them) and combined into
+autograd functions whose backward passes call each other, which makes the op differentiable any
+number of times. Weights are tap-major here: (B, k*k, H, W).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+_SRC = Path(__file__).with_name("csrc") / "adaptive_conv.cpp"
+
+
+def _cpu_tag() -> str:
+    # The build uses -march=native: key the cache on the CPU so a shared home dir never loads a
+    # binary built for another processor.
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features", "model name")):
+                flags += line
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+@functools.cache
+def load_extension():
+    """Build (once per machine, cached under ``TORCH_EXTENSIONS_DIR``) and import the extension.
+
+    Raises:
+        RuntimeError: if it cannot be built (no C++ compiler, no ninja, ...).
+    """
+    from torch.utils import cpp_extension
+
+    src = _SRC.read_bytes()
+    key = hashlib.sha1(src + _cpu_tag().encode() + torch.__version__.encode()).hexdigest()[:12]
+    flags = ["-O3", "-fopenmp"]  # torch adds the -std it needs
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-march=native")
+    elif os.environ.get("UPFEAT_NATIVE", "1") == "1":
+        flags.append("-mcpu=native")
+    try:
+        return cpp_extension.load(
+            name=f"upfeat_adaptive_conv_{key}",
+            sources=[str(_SRC)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=os.environ.get("UPFEAT_VERBOSE_BUILD") == "1",
+        )
+    except Exception as e:  # noqa: BLE001 - surface any build failure as one clear error
+        raise RuntimeError(
+            f"could not build the upfeat C++ kernel ({type(e).__name__}: ...{str(e)[-800:]}). It "
+            "needs a C++ "
+            "compiler (g++) and ninja; set UPFEAT_VERBOSE_BUILD=1 to see the build log, or pass "
+            "backend='shift' to use the pure-torch path."
+        ) from e
+
+
+def is_available() -> bool:
+    """True if the extension builds and loads on this machine."""
+    try:
+        load_extension()
+        return True
+    except RuntimeError as e:
+        log.warning("%s", e)
+        return False
+
+
+@torch.library.custom_op("upfeat::acv_fwd", mutates_args=(), device_types="cpu")
+def _fwd(feat: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    return load_extension().fwd(feat, w, k)
+
+
+@_fwd.register_fake
+def _(feat, w, k):
+    return feat.new_empty(feat.shape[0], feat.shape[1], w.shape[2], w.shape[3])
+
+
+@torch.library.custom_op("upfeat::acv_tr", mutates_args=(), device_types="cpu")
+def _tr(g: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    return load_extension().tr(g, w, k)
+
+
+@_tr.register_fake
+def _(g, w, k):
+    return g.new_empty(g.shape[0], g.shape[1], g.shape[2] + k - 1, g.shape[3] + k - 1)
+
+
+@torch.library.custom_op("upfeat::acv_corr", mutates_args=(), device_types="cpu")
+def _corr(a: torch.Tensor, p: torch.Tensor, k: int) -> torch.Tensor:
+    return load_extension().corr(a, p, k)
+
+
+@_corr.register_fake
+def _(a, p, k):
+    return a.new_empty(a.shape[0], k * k, a.shape[2], a.shape[3])
+
+
+class Fwd(torch.autograd.Function):
+    """(feat (B,C,Hp,Wp), w (B,K2,H,W)) -> (B,C,H,W)."""
+
+    @staticmethod
+    def forward(ctx, feat, w, k):
+        ctx.save_for_backward(feat, w)
+        ctx.k = k
+        return _fwd(feat, w, k)
+
+    @staticmethod
+    def backward(ctx, go):
+        feat, w = ctx.saved_tensors
+        go = go.contiguous()
+        gf = Tr.apply(go, w, ctx.k) if ctx.needs_input_grad[0] else None
+        gw = Corr.apply(go, feat, ctx.k) if ctx.needs_input_grad[1] else None
+        return gf, gw, None
+
+
+class Tr(torch.autograd.Function):
+    """Adjoint of :class:`Fwd` in ``feat``: (g (B,C,H,W), w (B,K2,H,W)) -> (B,C,Hp,Wp)."""
+
+    @staticmethod
+    def forward(ctx, g, w, k):
+        ctx.save_for_backward(g, w)
+        ctx.k = k
+        return _tr(g, w, k)
+
+    @staticmethod
+    def backward(ctx, go):
+        g, w = ctx.saved_tensors
+        go = go.contiguous()
+        gg = Fwd.apply(go, w, ctx.k) if ctx.needs_input_grad[0] else None
+        gw = Corr.apply(g, go, ctx.k) if ctx.needs_input_grad[1] else None
+        return gg, gw, None
+
+
+class Corr(torch.autograd.Function):
+    """Local correlation: (a (B,C,H,W), p (B,C,Hp,Wp)) -> (B,K2,H,W)."""
+
+    @staticmethod
+    def forward(ctx, a, p, k):
+        ctx.save_for_backward(a, p)
+        ctx.k = k
+        return _corr(a, p, k)
+
+    @staticmethod
+    def backward(ctx, go):
+        a, p = ctx.saved_tensors
+        go = go.contiguous()
+        ga = Fwd.apply(p, go, ctx.k) if ctx.needs_input_grad[0] else None
+        gp = Tr.apply(a, go, ctx.k) if ctx.needs_input_grad[1] else None
+        return ga, gp, None

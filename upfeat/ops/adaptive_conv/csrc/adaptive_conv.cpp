@@ -1,0 +1,367 @@
+// Fast CPU kernels for the adaptive (per-pixel) convolution and its adjoints.
+//
+// Three linear maps close the op under differentiation (weights in tap-major layout):
+//   fwd : out[b,c,i,j]  = sum_t feat[b,c,i+u,j+v] * w[b,t,i,j]        (B,C,Hp,Wp),(B,K2,H,W) -> (B,C,H,W)
+//   tr  : gf[b,c,y,x]   = sum_t g[b,c,y-u,x-v]    * w[b,t,y-u,x-v]    (B,C,H,W),(B,K2,H,W)  -> (B,C,Hp,Wp)
+//   corr: gw[b,t,i,j]   = sum_c a[b,c,i,j]        * p[b,c,i+u,j+v]    (B,C,H,W),(B,C,Hp,Wp) -> (B,K2,H,W)
+// with t = u*k + v, Hp = H+k-1, Wp = W+k-1; out-of-range terms of `tr` are zero.
+// Nothing of size C*k*k*H*W is ever materialised: each kernel keeps a tile of outputs in vector
+// registers (GCC/Clang vector extensions, 64-byte vectors -> AVX-512 when -march=native has it)
+// and streams the inputs once per tap. Edge tiles are copied into small zero-padded local buffers
+// so one register kernel serves both interior and borders.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float vfloat __attribute__((vector_size(64)));
+typedef double vdouble __attribute__((vector_size(64)));
+template <typename T> struct Vec;
+template <> struct Vec<float> { using type = vfloat; static constexpr int L = 16; };
+template <> struct Vec<double> { using type = vdouble; static constexpr int L = 8; };
+
+template <typename V> inline V vload(const void* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+template <typename V> inline void vstore(void* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
+
+constexpr int NV = 2;   // vectors per tile row (32 floats / 16 doubles)
+constexpr int CB = 8;   // channels per register tile (fwd, tr)
+
+// Large fresh outputs page-fault heavily in a VM; transparent huge pages cut that cost.
+void advise_huge(const at::Tensor& t) {
+#ifdef MADV_HUGEPAGE
+  const size_t bytes = t.numel() * t.element_size();
+  if (bytes < (size_t(8) << 20)) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t a = (p + (size_t(2) << 20) - 1) & ~((uintptr_t(2) << 20) - 1);
+  const uintptr_t e = (p + bytes) & ~((uintptr_t(2) << 20) - 1);
+  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// fwd / tr register kernel: acc[cc][n] = sum_{u,v} A(cc,u)[col - s*v + n*L] * Wt(u,v)[col - s*v + n*L]
+// fwd uses s = -1 for feat (reads to the right) and its own weight offset; so the two kernels
+// below are written out separately for clarity rather than folded into one with signs.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int C_B>
+inline void fwd_tile(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt, int k,
+                     T* o, int64_t oc, int nvalid) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  V acc[C_B][NV];
+  for (int c = 0; c < C_B; ++c)
+    for (int n = 0; n < NV; ++n) acc[c][n] = V{};
+  for (int u = 0; u < k; ++u) {
+    for (int v = 0; v < k; ++v) {
+      const T* wp = w + (int64_t)(u * k + v) * wt;
+      V wv[NV];
+      for (int n = 0; n < NV; ++n) wv[n] = vload<V>(wp + n * L);
+      const T* fp = f + u * fr + v;
+      for (int c = 0; c < C_B; ++c)
+        for (int n = 0; n < NV; ++n) acc[c][n] += vload<V>(fp + c * fc + n * L) * wv[n];
+    }
+  }
+  for (int c = 0; c < C_B; ++c) {
+    if (nvalid == NV * L) {
+      for (int n = 0; n < NV; ++n) vstore(o + c * oc + n * L, acc[c][n]);
+    } else {
+      T tmp[NV * L];
+      for (int n = 0; n < NV; ++n) vstore(tmp + n * L, acc[c][n]);
+      std::memcpy(o + c * oc, tmp, sizeof(T) * nvalid);
+    }
+  }
+}
+
+// g rows: rows[u] + c*gc ; weights: w + t*wt + u*wu ; both read at column (col - v + n*L).
+template <typename T, int C_B>
+inline void tr_tile(const T* const* rows, int64_t gc, const T* w, int64_t wt, int64_t wu, int col,
+                    int k, int ulo, int uhi, T* o, int64_t oc, int nvalid) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  V acc[C_B][NV];
+  for (int c = 0; c < C_B; ++c)
+    for (int n = 0; n < NV; ++n) acc[c][n] = V{};
+  for (int u = ulo; u < uhi; ++u) {
+    const T* gp0 = rows[u] + col;
+    for (int v = 0; v < k; ++v) {
+      const T* wp = w + (int64_t)(u * k + v) * wt + u * wu + col - v;
+      V wv[NV];
+      for (int n = 0; n < NV; ++n) wv[n] = vload<V>(wp + n * L);
+      const T* gp = gp0 - v;
+      for (int c = 0; c < C_B; ++c)
+        for (int n = 0; n < NV; ++n) acc[c][n] += vload<V>(gp + c * gc + n * L) * wv[n];
+    }
+  }
+  for (int c = 0; c < C_B; ++c) {
+    if (nvalid == NV * L) {
+      for (int n = 0; n < NV; ++n) vstore(o + c * oc + n * L, acc[c][n]);
+    } else {
+      T tmp[NV * L];
+      for (int n = 0; n < NV; ++n) vstore(tmp + n * L, acc[c][n]);
+      std::memcpy(o + c * oc, tmp, sizeof(T) * nvalid);
+    }
+  }
+}
+
+// corr: acc[v][n] = sum_c a[c][n*L..] * p[c][v + n*L..] for v in [v0, v0+V_B)
+template <typename T, int V_B>
+inline void corr_tile(const T* a, int64_t ac, const T* p, int64_t pc, int C, T* o, int64_t ot,
+                      int nvalid, bool accumulate) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  V acc[V_B][NV];
+  for (int v = 0; v < V_B; ++v) {
+    if (!accumulate) {
+      for (int n = 0; n < NV; ++n) acc[v][n] = V{};
+    } else if (nvalid == NV * L) {
+      for (int n = 0; n < NV; ++n) acc[v][n] = vload<V>(o + v * ot + n * L);
+    } else {
+      T tmp[NV * L] = {};
+      std::memcpy(tmp, o + v * ot, sizeof(T) * nvalid);
+      for (int n = 0; n < NV; ++n) acc[v][n] = vload<V>(tmp + n * L);
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    V av[NV];
+    for (int n = 0; n < NV; ++n) av[n] = vload<V>(a + c * ac + n * L);
+    const T* pp = p + c * pc;
+    for (int v = 0; v < V_B; ++v)
+      for (int n = 0; n < NV; ++n) acc[v][n] += av[n] * vload<V>(pp + v + n * L);
+  }
+  for (int v = 0; v < V_B; ++v) {
+    if (nvalid == NV * L) {
+      for (int n = 0; n < NV; ++n) vstore(o + v * ot + n * L, acc[v][n]);
+    } else {
+      T tmp[NV * L];
+      for (int n = 0; n < NV; ++n) vstore(tmp + n * L, acc[v][n]);
+      std::memcpy(o + v * ot, tmp, sizeof(T) * nvalid);
+    }
+  }
+}
+
+template <typename T>
+void corr_taps(const T* a, int64_t ac, const T* p, int64_t pc, int C, T* o, int64_t ot, int k,
+               int nvalid, bool acc) {
+  int v0 = 0;
+  // Up to 7 taps of a kernel row stay in registers at once (7 x NV accumulators).
+  for (; v0 + 7 <= k; v0 += 7) corr_tile<T, 7>(a, ac, p + v0, pc, C, o + v0 * ot, ot, nvalid, acc);
+  for (; v0 + 3 <= k; v0 += 3) corr_tile<T, 3>(a, ac, p + v0, pc, C, o + v0 * ot, ot, nvalid, acc);
+  for (; v0 < k; ++v0) corr_tile<T, 1>(a, ac, p + v0, pc, C, o + v0 * ot, ot, nvalid, acc);
+}
+
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void fwd_impl(const T* feat, const T* w, T* out, int B, int C, int H, int W, int k) {
+  constexpr int L = Vec<T>::L, JB = NV * L;
+  const int Hp = H + k - 1, Wp = W + k - 1, K2 = k * k;
+  const int64_t HW = (int64_t)H * W, HWp = (int64_t)Hp * Wp;
+  const int IT = 16;  // rows per task: keeps the weight rows of the tile in L2 across channels
+  const int CG = 64;  // channels per task
+  const int nit = (H + IT - 1) / IT, ncg = (C + CG - 1) / CG;
+  at::parallel_for(0, (int64_t)B * nit * ncg, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> fl((size_t)CB * k * (JB + k - 1)), wl((size_t)K2 * JB);
+    for (int64_t task = begin; task < end; ++task) {
+      const int b = task / (nit * ncg), it = (task / ncg) % nit, cg = task % ncg;
+      const int c_end = std::min(C, (cg + 1) * CG), i_end = std::min(H, (it + 1) * IT);
+      const T* wb = w + (int64_t)b * K2 * HW;
+      for (int c0 = cg * CG; c0 < c_end; c0 += CB) {
+        const int cb = std::min(CB, c_end - c0);
+        const T* fb = feat + ((int64_t)b * C + c0) * HWp;
+        T* ob = out + ((int64_t)b * C + c0) * HW;
+        for (int i = it * IT; i < i_end; ++i) {
+          for (int j0 = 0; j0 < W; j0 += JB) {
+            const int nvalid = std::min(JB, W - j0);
+            T* o = ob + (int64_t)i * W + j0;
+            const T* f = fb + (int64_t)i * Wp + j0;
+            const T* wp = wb + (int64_t)i * W + j0;
+            int64_t fc = HWp, fr = Wp, wt = HW;
+            if (nvalid < JB) {  // border tile: zero-padded local copies
+              const int span = JB + k - 1;
+              std::fill(fl.begin(), fl.end(), T(0));
+              std::fill(wl.begin(), wl.end(), T(0));
+              for (int c = 0; c < cb; ++c)
+                for (int u = 0; u < k; ++u)
+                  std::memcpy(&fl[((size_t)c * k + u) * span], f + c * HWp + (int64_t)u * Wp,
+                              sizeof(T) * (nvalid + k - 1));
+              for (int t = 0; t < K2; ++t)
+                std::memcpy(&wl[(size_t)t * JB], wp + t * HW, sizeof(T) * nvalid);
+              f = fl.data(); fc = (int64_t)k * span; fr = span;
+              wp = wl.data(); wt = JB;
+            }
+            if (cb == CB) {
+              fwd_tile<T, CB>(f, fc, fr, wp, wt, k, o, HW, nvalid);
+            } else {
+              for (int c = 0; c < cb; ++c)
+                fwd_tile<T, 1>(f + c * fc, fc, fr, wp, wt, k, o + c * HW, HW, nvalid);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void tr_impl(const T* g, const T* w, T* gf, int B, int C, int H, int W, int k) {
+  constexpr int L = Vec<T>::L, JB = NV * L;
+  const int Hp = H + k - 1, Wp = W + k - 1, K2 = k * k;
+  const int64_t HW = (int64_t)H * W, HWp = (int64_t)Hp * Wp;
+  // Output column x reads input columns x-v, v < k: rows are zero-padded by k-1 on the left and
+  // up to a whole tile on the right, so every tile runs the same unmasked vector code.
+  const int nb = (Wp + JB - 1) / JB, Wq = nb * JB + k - 1;
+  const int64_t HWq = (int64_t)H * Wq;
+  std::vector<T> wq((size_t)B * K2 * HWq, T(0));  // weights with padded rows (~k*k*H*W, small)
+  at::parallel_for(0, (int64_t)B * K2 * H, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      std::memcpy(&wq[r * Wq + k - 1], w + r * W, sizeof(T) * W);
+  });
+  // g rows of one channel block live in a ring of k zero-padded rows: each row is copied once.
+  const int IT = 16, CG = 64;
+  const int nit = (Hp + IT - 1) / IT, ncg = (C + CG - 1) / CG;
+  at::parallel_for(0, (int64_t)B * nit * ncg, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> ring((size_t)CB * k * Wq, T(0));
+    std::vector<const T*> rows(k);
+    for (int64_t task = begin; task < end; ++task) {
+      const int b = task / (nit * ncg), it = (task / ncg) % nit, cg = task % ncg;
+      const int c_end = std::min(C, (cg + 1) * CG), y_beg = it * IT, y_end = std::min(Hp, y_beg + IT);
+      const T* wb = wq.data() + (int64_t)b * K2 * HWq;
+      for (int c0 = cg * CG; c0 < c_end; c0 += CB) {
+        const int cb = std::min(CB, c_end - c0);
+        const T* gb = g + ((int64_t)b * C + c0) * HW;
+        T* ob = gf + ((int64_t)b * C + c0) * HWp;
+        int loaded = y_beg - k;  // last input row copied into the ring
+        for (int y = y_beg; y < y_end; ++y) {
+          // output row y receives from input rows i = y-u with 0 <= i < H
+          const int ulo = std::max(0, y - H + 1), uhi = std::min(k, y + 1);
+          for (int i = std::max({loaded + 1, y - k + 1, 0}); i <= std::min(y, H - 1); ++i) {
+            for (int c = 0; c < cb; ++c)
+              std::memcpy(&ring[((size_t)c * k + i % k) * Wq + k - 1], gb + c * HW + (int64_t)i * W,
+                          sizeof(T) * W);
+            loaded = i;
+          }
+          for (int u = ulo; u < uhi; ++u) rows[u] = ring.data() + (size_t)((y - u) % k) * Wq;
+          const T* wp = wb + (int64_t)y * Wq;
+          for (int x0 = 0; x0 < Wp; x0 += JB) {
+            const int nvalid = std::min(JB, Wp - x0);
+            T* o = ob + (int64_t)y * Wp + x0;
+            if (cb == CB) {
+              tr_tile<T, CB>(rows.data(), (int64_t)k * Wq, wp, HWq, -Wq, x0 + k - 1, k, ulo, uhi,
+                             o, HWp, nvalid);
+            } else {
+              for (int c = 0; c < cb; ++c) {
+                std::vector<const T*> rc(k);
+                for (int u = ulo; u < uhi; ++u) rc[u] = rows[u] + (size_t)c * k * Wq;
+                tr_tile<T, 1>(rc.data(), 0, wp, HWq, -Wq, x0 + k - 1, k, ulo, uhi, o + c * HWp,
+                              HWp, nvalid);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void corr_impl(const T* a, const T* p, T* o, int B, int C, int H, int W, int k) {
+  constexpr int L = Vec<T>::L, JB = NV * L;
+  const int Hp = H + k - 1, Wp = W + k - 1, K2 = k * k;
+  const int64_t HW = (int64_t)H * W, HWp = (int64_t)Hp * Wp;
+  // The channel sum is split in blocks of CC so that the rows of a tile (a: IT rows, p: IT+k-1
+  // rows, CC channels each) stay in L2 while every output row of the tile is visited.
+  const int IT = 8, CC = 32;
+  const int nit = (H + IT - 1) / IT;
+  at::parallel_for(0, (int64_t)B * nit, 1, [&](int64_t begin, int64_t end) {
+    const int span = JB + k - 1;
+    std::vector<T> al((size_t)CC * JB), pl((size_t)CC * span);
+    for (int64_t task = begin; task < end; ++task) {
+      const int b = task / nit, it = task % nit, i_end = std::min(H, (it + 1) * IT);
+      for (int c0 = 0; c0 < C; c0 += CC) {
+        const int cc = std::min(CC, C - c0);
+        const T* ab = a + ((int64_t)b * C + c0) * HW;
+        const T* pb = p + ((int64_t)b * C + c0) * HWp;
+        for (int i = it * IT; i < i_end; ++i) {
+          T* ob = o + (int64_t)b * K2 * HW + (int64_t)i * W;
+          for (int j0 = 0; j0 < W; j0 += JB) {
+            const int nvalid = std::min(JB, W - j0);
+            const T* ap = ab + (int64_t)i * W + j0; int64_t ac = HW;
+            if (nvalid < JB) {  // border tile: zero-padded local copies
+              std::fill(al.begin(), al.end(), T(0));
+              for (int c = 0; c < cc; ++c) std::memcpy(&al[(size_t)c * JB], ap + c * HW, sizeof(T) * nvalid);
+              ap = al.data(); ac = JB;
+            }
+            for (int u = 0; u < k; ++u) {
+              const T* pp = pb + (int64_t)(i + u) * Wp + j0; int64_t pc = HWp;
+              if (nvalid < JB) {
+                std::fill(pl.begin(), pl.end(), T(0));
+                for (int c = 0; c < cc; ++c)
+                  std::memcpy(&pl[(size_t)c * span], pp + c * HWp, sizeof(T) * (nvalid + k - 1));
+                pp = pl.data(); pc = span;
+              }
+              corr_taps<T>(ap, ac, pp, pc, cc, ob + (int64_t)u * k * HW + j0, HW, k, nvalid, c0 > 0);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
+              " must be float32 or float64");
+}
+
+}  // namespace
+
+// feat (B,C,Hp,Wp), w (B,K2,H,W) -> (B,C,H,W)
+at::Tensor acv_fwd(const at::Tensor& feat, const at::Tensor& w, int64_t k) {
+  check_inputs(feat, "feat"); check_inputs(w, "weights");
+  const int B = feat.size(0), C = feat.size(1), H = w.size(2), W = w.size(3);
+  auto out = at::empty({B, C, H, W}, feat.options());
+  advise_huge(out);
+  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "acv_fwd", [&] {
+    fwd_impl<scalar_t>(feat.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                       B, C, H, W, (int)k);
+  });
+  return out;
+}
+
+// g (B,C,H,W), w (B,K2,H,W) -> (B,C,H+k-1,W+k-1)
+at::Tensor acv_tr(const at::Tensor& g, const at::Tensor& w, int64_t k) {
+  check_inputs(g, "grad"); check_inputs(w, "weights");
+  const int B = g.size(0), C = g.size(1), H = g.size(2), W = g.size(3);
+  auto out = at::empty({B, C, H + k - 1, W + k - 1}, g.options());
+  advise_huge(out);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "acv_tr", [&] {
+    tr_impl<scalar_t>(g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                      B, C, H, W, (int)k);
+  });
+  return out;
+}
+
+// a (B,C,H,W), p (B,C,H+k-1,W+k-1) -> (B,K2,H,W)
+at::Tensor acv_corr(const at::Tensor& a, const at::Tensor& p, int64_t k) {
+  check_inputs(a, "a"); check_inputs(p, "p");
+  const int B = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3);
+  auto out = at::empty({B, k * k, H, W}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "acv_corr", [&] {
+    corr_impl<scalar_t>(a.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                        B, C, H, W, (int)k);
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fwd", &acv_fwd, "adaptive conv forward (tap-major weights)");
+  m.def("tr", &acv_tr, "adjoint of the forward w.r.t. feat");
+  m.def("corr", &acv_corr, "local correlation (adjoint w.r.t. weights)");
+}

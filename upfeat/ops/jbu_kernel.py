@@ -1,0 +1,99 @@
+"""The joint bilateral upsampling kernel: a range kernel from guidance features times a spatial
+Gaussian, normalised over each pixel's k x k window.
+
+``w[b,i,j,u,v] ∝ softmax_{u,v}(temperature * <g[b,:,i,j], g_pad[b,:,i+u,j+v]>) * exp(-d²/(2σ²))``
+
+with ``d`` the offset (u-r, v-r) / r (window coordinates in [-1, 1], as in FeatUp, so σ=1 means
+"about the window's radius"). Because ``softmax(l) * s / Σ softmax(l) * s == softmax(l + log s)``,
+the product and its renormalisation are one softmax over ``l + log s``: exact, no division by a
+tiny sum. The logits come from :func:`~upfeat.ops.local_dot`, so nothing of size (B, D, k*k, H, W)
+is ever built; every intermediate is (B, k*k, H, W).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import ShapeError, check_floating, check_shape
+from .adaptive_conv import local_dot
+from .adaptive_conv.reference import local_dot_reference
+
+
+def spatial_log_kernel(k: int, sigma: torch.Tensor | float, device=None, dtype=None) -> torch.Tensor:
+    """Log of the spatial Gaussian over a k x k window: ``-d²/(2σ²)``, shape (k*k,).
+
+    Example:
+        >>> spatial_log_kernel(3, 1.0).view(3, 3)
+        tensor([[-1.0000, -0.5000, -1.0000],
+                [-0.5000,  0.0000, -0.5000],
+                [-1.0000, -0.5000, -1.0000]])
+    """
+    sigma = torch.as_tensor(sigma, device=device, dtype=dtype)
+    r = max(k // 2, 1)
+    d = torch.arange(k, device=sigma.device, dtype=sigma.dtype) - k // 2
+    d2 = ((d[:, None] ** 2 + d[None, :] ** 2) / r**2).reshape(k * k)
+    return -d2 / (2 * sigma**2)
+
+
+def _pad(g: torch.Tensor, r: int) -> torch.Tensor:
+    # Reflection needs r < H, W; tiny guidance maps fall back to edge replication.
+    mode = "reflect" if min(g.shape[-2:]) > r else "replicate"
+    return F.pad(g, [r, r, r, r], mode=mode)
+
+
+def _check(guidance: torch.Tensor, k: int) -> None:
+    check_shape(guidance, ["B", "D", "H", "W"], "guidance")
+    check_floating(guidance, "guidance")
+    if k < 1 or k % 2 == 0:
+        raise ShapeError(f"kernel size k must be odd and positive, got {k}")
+
+
+def jbu_kernel(
+    guidance: torch.Tensor,
+    temperature: torch.Tensor | float,
+    sigma: torch.Tensor | float,
+    k: int = 7,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Normalised JBU weights for every pixel of ``guidance``.
+
+    Args:
+        guidance: (B, D, H, W) guidance features (e.g. a 1x1-conv projection of the image).
+        temperature: positive scalar multiplying the dot products (FeatUp: ``exp(τ)``).
+        sigma: positive scalar, spatial Gaussian width in window units.
+        k: odd window size.
+        backend: backend of :func:`~upfeat.ops.local_dot`.
+
+    Returns:
+        (B, H, W, k, k) weights summing to 1 over the last two dims; a view of a tap-major
+        (B, k, k, H, W) tensor, which :func:`~upfeat.ops.adaptive_conv` consumes without a copy.
+
+    Example:
+        >>> w = jbu_kernel(torch.randn(2, 8, 5, 6), 1.0, 1.0, k=3, backend="shift")
+        >>> w.shape, torch.allclose(w.sum((-1, -2)), torch.ones(2, 5, 6))
+        (torch.Size([2, 5, 6, 3, 3]), True)
+    """
+    _check(guidance, k)
+    B, _, H, W = guidance.shape
+    logits = local_dot(guidance, _pad(guidance, k // 2), backend=backend)
+    tm = logits.permute(0, 3, 4, 1, 2).reshape(B, k * k, H, W)  # free for the cpp backend
+    temperature = torch.as_tensor(temperature, device=tm.device, dtype=tm.dtype)
+    log_s = spatial_log_kernel(k, sigma, device=tm.device, dtype=tm.dtype)
+    w = torch.softmax(temperature * tm + log_s.view(1, k * k, 1, 1), dim=1)
+    return w.view(B, k, k, H, W).permute(0, 3, 4, 1, 2)
+
+
+def jbu_kernel_reference(
+    guidance: torch.Tensor, temperature: torch.Tensor | float, sigma: torch.Tensor | float, k: int = 7
+) -> torch.Tensor:
+    """FeatUp's formulation, literally: softmax range kernel x spatial kernel, renormalised.
+
+    Materialises (B, D, k*k, H, W); for tests only. Same contract as :func:`jbu_kernel`.
+    """
+    _check(guidance, k)
+    logits = local_dot_reference(guidance, _pad(guidance, k // 2))
+    B, H, W = logits.shape[:3]
+    rng = torch.softmax(torch.as_tensor(temperature) * logits.reshape(B, H, W, k * k), dim=-1)
+    spatial = spatial_log_kernel(k, sigma, device=logits.device, dtype=logits.dtype).exp()
+    w = rng * spatial
+    return (w / w.sum(-1, keepdim=True).clamp_min(1e-7)).view(B, H, W, k, k)
