@@ -4,6 +4,7 @@ Implements FeatUp (Fu, Hamilton et al., ICLR 2024) with fast, exact CPU kernels.
 """
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from . import ops
 
 try:
     __version__ = _version("upfeat")
