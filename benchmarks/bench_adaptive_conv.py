@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from upfeat.ops import adaptive_conv, adaptive_conv_reference
+from upfeat.ops import adaptive_conv, adaptive_conv_reference, empty_cache
 from upfeat.ops.adaptive_conv.shift import adaptive_conv_shift
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -40,8 +40,12 @@ def _status(key: str) -> int:
 
 
 def peak_extra_bytes(fn) -> int:
-    """Peak resident memory above the current level while ``fn()`` runs (Linux only)."""
+    """Peak resident memory above the current level while ``fn()`` runs (Linux only).
+
+    The fast path's output pool is emptied first, so recycled buffers are counted as new memory.
+    """
     gc.collect()
+    empty_cache()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = _status("VmRSS")
     fn()

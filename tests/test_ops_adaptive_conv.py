@@ -262,3 +262,20 @@ def test_cuda_matches_cpu_reference(backend):
         ref.backward(grad)
         torch.testing.assert_close(fc.grad.cpu(), feat.grad, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(wc.grad.cpu(), w.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_output_pool_recycles_without_leaking_values():
+    from upfeat.ops import cached_bytes, empty_cache
+
+    feat, w = _inputs(1, 384, 48, 64, 3, dtype=torch.float32)  # output 4.7 MB: pooled
+    empty_cache()
+    first = adaptive_conv(feat, w, backend="cpp")
+    expected = first.clone()
+    ptr = first.data_ptr()
+    del first
+    assert cached_bytes() >= expected.numel() * 4
+    second = adaptive_conv(feat * 2, w, backend="cpp")  # reuses the freed block...
+    assert second.data_ptr() == ptr
+    torch.testing.assert_close(second, 2 * expected)  # ...and overwrites every value
+    del second
+    assert empty_cache() >= expected.numel() * 4 and cached_bytes() == 0

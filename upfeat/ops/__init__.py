@@ -5,6 +5,7 @@
 - :func:`jbu_kernel`: the joint-bilateral range x spatial kernel built on :func:`local_dot`.
 """
 from .adaptive_conv import BACKENDS, adaptive_conv, can_run, choose_backend, local_dot
+from .adaptive_conv.cpu import cached_bytes, empty_cache
 from .adaptive_conv.reference import adaptive_conv_reference, local_dot_reference
 from .jbu_kernel import jbu_kernel, jbu_kernel_reference, spatial_log_kernel
 
@@ -12,8 +13,10 @@ __all__ = [
     "BACKENDS",
     "adaptive_conv",
     "adaptive_conv_reference",
+    "cached_bytes",
     "can_run",
     "choose_backend",
+    "empty_cache",
     "jbu_kernel",
     "jbu_kernel_reference",
     "local_dot",

@@ -114,9 +114,11 @@ def adaptive_conv(feat: torch.Tensor, weights: torch.Tensor, backend: str | None
     dtype = feat.dtype
     feat, weights = feat.to(_compute_dtype(dtype)), weights.to(_compute_dtype(dtype))
     if name == "cpp":
-        # Tap-major weights (B, k*k, H, W): free when they come from jbu_kernel (a permuted view).
-        wt = weights.permute(0, 3, 4, 1, 2).reshape(B, k * k, H, W).contiguous()
-        out = cpu.Fwd.apply(feat.contiguous(), wt, k)
+        # The kernel reads weights pixel-major (B,H,W,k*k) or tap-major (B,k*k,H,W, what
+        # jbu_kernel returns as a permuted view): pass whichever we have, as a free view.
+        tap = weights.permute(0, 3, 4, 1, 2).is_contiguous() and not weights.is_contiguous()
+        wv = weights.permute(0, 3, 4, 1, 2).reshape(B, k * k, H, W) if tap else weights.reshape(B, H, W, k * k)
+        out = cpu.Fwd.apply(feat.contiguous(), wv.contiguous(), k, tap)
     elif name == "compiled":
         out = compiled("adaptive_conv")(feat, weights)
     elif name == "shift":
@@ -161,7 +163,7 @@ def local_dot(query: torch.Tensor, keys: torch.Tensor, backend: str | None = Non
     dtype = query.dtype
     query, keys = query.to(_compute_dtype(dtype)), keys.to(_compute_dtype(dtype))
     if name == "cpp":
-        tm = cpu.Corr.apply(query.contiguous(), keys.contiguous(), k)
+        tm = cpu.Corr.apply(query.contiguous(), keys.contiguous(), k, True)
         out = tm.view(B, k, k, H, W).permute(0, 3, 4, 1, 2)
     elif name == "compiled":
         out = compiled("local_dot")(query, keys)

@@ -3,7 +3,7 @@
 The three kernels (``fwd``, ``tr``, ``corr``, see ``csrc/adaptive_conv.cpp``) are registered as
 ``torch.library`` custom ops (so ``torch.compile`` can trace through them) and combined into
 autograd functions whose backward passes call each other, which makes the op differentiable any
-number of times. Weights are tap-major here: (B, k*k, H, W).
+number of times.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def load_extension():
     elif os.environ.get("UPFEAT_NATIVE", "1") == "1":
         flags.append("-mcpu=native")
     try:
-        return cpp_extension.load(
+        ext = cpp_extension.load(
             name=f"upfeat_adaptive_conv_{key}",
             sources=[str(_SRC)],
             extra_cflags=flags,
@@ -64,6 +64,26 @@ def load_extension():
             "compiler (g++) and ninja; set UPFEAT_VERBOSE_BUILD=1 to see the build log, or pass "
             "backend='shift' to use the pure-torch path."
         ) from e
+    ext.set_cache_limit(int(float(os.environ.get("UPFEAT_POOL_MB", "1024")) * 2**20))
+    return ext
+
+
+def empty_cache() -> int:
+    """Return the pooled output buffers of the C++ kernels to the OS; returns the bytes freed.
+
+    Outputs of 4 MB and more are recycled (fresh pages cost ~12 ms per 77 MB to zero here). At
+    most ``UPFEAT_POOL_MB`` (default 1024) MB of freed buffers are kept.
+    """
+    return load_extension().empty_cache() if _loaded() else 0
+
+
+def cached_bytes() -> int:
+    """Bytes currently held by the output pool."""
+    return load_extension().cached_bytes() if _loaded() else 0
+
+
+def _loaded() -> bool:
+    return load_extension.cache_info().currsize > 0
 
 
 def is_available() -> bool:
@@ -76,85 +96,94 @@ def is_available() -> bool:
         return False
 
 
+# Weight-like tensors (the weights, the correlation output) are either tap-major (B, k*k, H, W) or
+# pixel-major (B, H, W, k*k); ``tap`` says which, so no layout copy happens outside the kernels.
+
+
+def _hw(w: torch.Tensor, tap: bool) -> tuple[int, int]:
+    return (w.shape[2], w.shape[3]) if tap else (w.shape[1], w.shape[2])
+
+
 @torch.library.custom_op("upfeat::acv_fwd", mutates_args=(), device_types="cpu")
-def _fwd(feat: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
-    return load_extension().fwd(feat, w, k)
+def _fwd(feat: torch.Tensor, w: torch.Tensor, k: int, tap: bool) -> torch.Tensor:
+    return load_extension().fwd(feat, w, k, tap)
 
 
 @_fwd.register_fake
-def _(feat, w, k):
-    return feat.new_empty(feat.shape[0], feat.shape[1], w.shape[2], w.shape[3])
+def _(feat, w, k, tap):
+    return feat.new_empty(feat.shape[0], feat.shape[1], *_hw(w, tap))
 
 
 @torch.library.custom_op("upfeat::acv_tr", mutates_args=(), device_types="cpu")
-def _tr(g: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
-    return load_extension().tr(g, w, k)
+def _tr(g: torch.Tensor, w: torch.Tensor, k: int, tap: bool) -> torch.Tensor:
+    return load_extension().tr(g, w, k, tap)
 
 
 @_tr.register_fake
-def _(g, w, k):
+def _(g, w, k, tap):
     return g.new_empty(g.shape[0], g.shape[1], g.shape[2] + k - 1, g.shape[3] + k - 1)
 
 
 @torch.library.custom_op("upfeat::acv_corr", mutates_args=(), device_types="cpu")
-def _corr(a: torch.Tensor, p: torch.Tensor, k: int) -> torch.Tensor:
-    return load_extension().corr(a, p, k)
+def _corr(a: torch.Tensor, p: torch.Tensor, k: int, tap: bool) -> torch.Tensor:
+    return load_extension().corr(a, p, k, tap)
 
 
 @_corr.register_fake
-def _(a, p, k):
-    return a.new_empty(a.shape[0], k * k, a.shape[2], a.shape[3])
+def _(a, p, k, tap):
+    B, _, H, W = a.shape
+    return a.new_empty(B, k * k, H, W) if tap else a.new_empty(B, H, W, k * k)
 
 
 class Fwd(torch.autograd.Function):
-    """(feat (B,C,Hp,Wp), w (B,K2,H,W)) -> (B,C,H,W)."""
+    """(feat (B,C,Hp,Wp), w (B,K2,H,W) or (B,H,W,K2)) -> (B,C,H,W)."""
 
     @staticmethod
-    def forward(ctx, feat, w, k):
+    def forward(ctx, feat, w, k, tap):
         ctx.save_for_backward(feat, w)
-        ctx.k = k
-        return _fwd(feat, w, k)
+        ctx.k, ctx.tap = k, tap
+        return _fwd(feat, w, k, tap)
 
     @staticmethod
     def backward(ctx, go):
         feat, w = ctx.saved_tensors
         go = go.contiguous()
-        gf = Tr.apply(go, w, ctx.k) if ctx.needs_input_grad[0] else None
-        gw = Corr.apply(go, feat, ctx.k) if ctx.needs_input_grad[1] else None
-        return gf, gw, None
+        gf = Tr.apply(go, w, ctx.k, ctx.tap) if ctx.needs_input_grad[0] else None
+        gw = Corr.apply(go, feat, ctx.k, ctx.tap) if ctx.needs_input_grad[1] else None
+        return gf, gw, None, None
 
 
 class Tr(torch.autograd.Function):
-    """Adjoint of :class:`Fwd` in ``feat``: (g (B,C,H,W), w (B,K2,H,W)) -> (B,C,Hp,Wp)."""
+    """Adjoint of :class:`Fwd` in ``feat``: (g (B,C,H,W), w) -> (B,C,Hp,Wp)."""
 
     @staticmethod
-    def forward(ctx, g, w, k):
+    def forward(ctx, g, w, k, tap):
         ctx.save_for_backward(g, w)
-        ctx.k = k
-        return _tr(g, w, k)
+        ctx.k, ctx.tap = k, tap
+        return _tr(g, w, k, tap)
 
     @staticmethod
     def backward(ctx, go):
         g, w = ctx.saved_tensors
         go = go.contiguous()
-        gg = Fwd.apply(go, w, ctx.k) if ctx.needs_input_grad[0] else None
-        gw = Corr.apply(g, go, ctx.k) if ctx.needs_input_grad[1] else None
-        return gg, gw, None
+        gg = Fwd.apply(go, w, ctx.k, ctx.tap) if ctx.needs_input_grad[0] else None
+        gw = Corr.apply(g, go, ctx.k, ctx.tap) if ctx.needs_input_grad[1] else None
+        return gg, gw, None, None
 
 
 class Corr(torch.autograd.Function):
-    """Local correlation: (a (B,C,H,W), p (B,C,Hp,Wp)) -> (B,K2,H,W)."""
+    """Local correlation: (a (B,C,H,W), p (B,C,Hp,Wp)) -> (B,K2,H,W) or (B,H,W,K2)."""
 
     @staticmethod
-    def forward(ctx, a, p, k):
+    def forward(ctx, a, p, k, tap):
         ctx.save_for_backward(a, p)
-        ctx.k = k
-        return _corr(a, p, k)
+        ctx.k, ctx.tap = k, tap
+        return _corr(a, p, k, tap)
 
     @staticmethod
     def backward(ctx, go):
         a, p = ctx.saved_tensors
         go = go.contiguous()
-        ga = Fwd.apply(p, go, ctx.k) if ctx.needs_input_grad[0] else None
-        gp = Tr.apply(a, go, ctx.k) if ctx.needs_input_grad[1] else None
-        return ga, gp, None
+        ga = Fwd.apply(p, go, ctx.k, ctx.tap) if ctx.needs_input_grad[0] else None
+        gp = Tr.apply(a, go, ctx.k, ctx.tap) if ctx.needs_input_grad[1] else None
+        return ga, gp, None, None

@@ -14,6 +14,10 @@
 
 #include <sys/mman.h>
 
+#include <cstdlib>
+#include <map>
+#include <mutex>
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -31,17 +35,64 @@ template <typename V> inline void vstore(void* p, const V& v) { std::memcpy(p, &
 
 constexpr int NV = 2;   // vectors per tile row (32 floats / 16 doubles)
 constexpr int CB = 8;   // channels per register tile (fwd, tr)
+constexpr int RB = 2;   // output rows per register tile (fwd)
+constexpr int CBF = 4;  // channels per register tile of the 2-row forward band
 
-// Large fresh outputs page-fault heavily in a VM; transparent huge pages cut that cost.
-void advise_huge(const at::Tensor& t) {
+// Large fresh outputs are expensive here: the kernel zeroes every new page on first touch
+// (~12 ms for the 77 MB output at 224², 40% of the forward). Big outputs therefore come from a
+// small pool of freed blocks (exact byte size, 2 MB aligned, transparent huge pages), like the
+// CUDA caching allocator. At most `cap` bytes are kept; `empty_cache()` returns them to the OS.
+class Pool {
+ public:
+  static Pool& get() { static Pool* p = new Pool(); return *p; }  // leaked: outlives tensors at exit
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      auto it = free_.find(bytes);
+      if (it != free_.end()) {
+        void* p = it->second;
+        free_.erase(it);
+        cached_ -= bytes;
+        return p;
+      }
+    }
+    void* p = nullptr;
+    if (posix_memalign(&p, size_t(2) << 20, bytes) != 0) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
-  const size_t bytes = t.numel() * t.element_size();
-  if (bytes < (size_t(8) << 20)) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t a = (p + (size_t(2) << 20) - 1) & ~((uintptr_t(2) << 20) - 1);
-  const uintptr_t e = (p + bytes) & ~((uintptr_t(2) << 20) - 1);
-  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+    madvise(p, bytes, MADV_HUGEPAGE);
 #endif
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> g(mu_);
+    if (cached_ + bytes > cap_) { std::free(p); return; }
+    free_.emplace(bytes, p);
+    cached_ += bytes;
+  }
+  size_t empty() {
+    std::lock_guard<std::mutex> g(mu_);
+    size_t n = cached_;
+    for (auto& kv : free_) std::free(kv.second);
+    free_.clear();
+    cached_ = 0;
+    return n;
+  }
+  size_t cached() { std::lock_guard<std::mutex> g(mu_); return cached_; }
+  void set_cap(size_t c) { std::lock_guard<std::mutex> g(mu_); cap_ = c; }
+
+ private:
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_ = 0, cap_ = size_t(1) << 30;
+};
+
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  int64_t n = 1;
+  for (auto s : sizes) n *= s;
+  const size_t bytes = std::max<size_t>(1, n * opt.dtype().itemsize());
+  if (bytes < (size_t(4) << 20)) return at::empty(sizes, opt);
+  void* p = Pool::get().take(bytes);
+  return at::from_blob(p, sizes, [bytes](void* q) { Pool::get().give(q, bytes); }, opt);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -76,6 +127,48 @@ inline void fwd_tile(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt,
       std::memcpy(o + c * oc, tmp, sizeof(T) * nvalid);
     }
   }
+}
+
+// R output rows at once: a feat row s feeds output row r through tap row u = s - r, so each feat
+// vector load serves R FMAs (and each weight vector C_B). Pairs (r, s) with u outside [0, k)
+// multiply a zero vector: simpler than trimming the loop, and only (R-1)/(R+k-1) of the work.
+template <typename T, int C_B, int R>
+inline void fwd_band(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt, int64_t wr,
+                     int k, T* o, int64_t oc, int64_t orow, int nvalid) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  V acc[R][C_B][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C_B; ++c)
+      for (int n = 0; n < NV; ++n) acc[r][c][n] = V{};
+  for (int s = 0; s < R + k - 1; ++s) {
+    for (int v = 0; v < k; ++v) {
+      V wv[R][NV];
+      for (int r = 0; r < R; ++r) {
+        const int u = s - r;
+        const bool ok = u >= 0 && u < k;
+        const T* wp = w + (int64_t)((ok ? u : 0) * k + v) * wt + r * wr;
+        for (int n = 0; n < NV; ++n) wv[r][n] = ok ? vload<V>(wp + n * L) : V{};
+      }
+      const T* fp = f + s * fr + v;
+      for (int c = 0; c < C_B; ++c)
+        for (int n = 0; n < NV; ++n) {
+          const V fv = vload<V>(fp + c * fc + n * L);
+          for (int r = 0; r < R; ++r) acc[r][c][n] += fv * wv[r][n];
+        }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C_B; ++c) {
+      T* op = o + c * oc + r * orow;
+      if (nvalid == NV * L) {
+        for (int n = 0; n < NV; ++n) vstore(op + n * L, acc[r][c][n]);
+      } else {
+        T tmp[NV * L];
+        for (int n = 0; n < NV; ++n) vstore(tmp + n * L, acc[r][c][n]);
+        std::memcpy(op, tmp, sizeof(T) * nvalid);
+      }
+    }
 }
 
 // g rows: rows[u] + c*gc ; weights: w + t*wt + u*wu ; both read at column (col - v + n*L).
@@ -165,40 +258,43 @@ void fwd_impl(const T* feat, const T* w, T* out, int B, int C, int H, int W, int
   const int CG = 64;  // channels per task
   const int nit = (H + IT - 1) / IT, ncg = (C + CG - 1) / CG;
   at::parallel_for(0, (int64_t)B * nit * ncg, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> fl((size_t)CB * k * (JB + k - 1)), wl((size_t)K2 * JB);
+    std::vector<T> fl((size_t)CBF * (RB + k - 1) * (JB + k - 1)), wl((size_t)K2 * RB * JB);
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / (nit * ncg), it = (task / ncg) % nit, cg = task % ncg;
       const int c_end = std::min(C, (cg + 1) * CG), i_end = std::min(H, (it + 1) * IT);
       const T* wb = w + (int64_t)b * K2 * HW;
-      for (int c0 = cg * CG; c0 < c_end; c0 += CB) {
-        const int cb = std::min(CB, c_end - c0);
+      for (int c0 = cg * CG; c0 < c_end; c0 += CBF) {
+        const int cb = std::min(CBF, c_end - c0);
         const T* fb = feat + ((int64_t)b * C + c0) * HWp;
         T* ob = out + ((int64_t)b * C + c0) * HW;
-        for (int i = it * IT; i < i_end; ++i) {
+        for (int i = it * IT; i < i_end; i += RB) {
+          const int nr = std::min(RB, i_end - i);
           for (int j0 = 0; j0 < W; j0 += JB) {
             const int nvalid = std::min(JB, W - j0);
             T* o = ob + (int64_t)i * W + j0;
             const T* f = fb + (int64_t)i * Wp + j0;
             const T* wp = wb + (int64_t)i * W + j0;
-            int64_t fc = HWp, fr = Wp, wt = HW;
+            int64_t fc = HWp, fr = Wp, wt = HW, wr = W;
             if (nvalid < JB) {  // border tile: zero-padded local copies
-              const int span = JB + k - 1;
+              const int span = JB + k - 1, ns = nr + k - 1;
               std::fill(fl.begin(), fl.end(), T(0));
               std::fill(wl.begin(), wl.end(), T(0));
               for (int c = 0; c < cb; ++c)
-                for (int u = 0; u < k; ++u)
-                  std::memcpy(&fl[((size_t)c * k + u) * span], f + c * HWp + (int64_t)u * Wp,
+                for (int r = 0; r < ns; ++r)
+                  std::memcpy(&fl[((size_t)c * (RB + k - 1) + r) * span], f + c * HWp + (int64_t)r * Wp,
                               sizeof(T) * (nvalid + k - 1));
               for (int t = 0; t < K2; ++t)
-                std::memcpy(&wl[(size_t)t * JB], wp + t * HW, sizeof(T) * nvalid);
-              f = fl.data(); fc = (int64_t)k * span; fr = span;
-              wp = wl.data(); wt = JB;
+                for (int r = 0; r < nr; ++r)
+                  std::memcpy(&wl[((size_t)t * RB + r) * JB], wp + t * HW + (int64_t)r * W, sizeof(T) * nvalid);
+              f = fl.data(); fc = (int64_t)(RB + k - 1) * span; fr = span;
+              wp = wl.data(); wt = (int64_t)RB * JB; wr = JB;
             }
-            if (cb == CB) {
-              fwd_tile<T, CB>(f, fc, fr, wp, wt, k, o, HW, nvalid);
+            if (cb == CBF && nr == RB) {
+              fwd_band<T, CBF, RB>(f, fc, fr, wp, wt, wr, k, o, HW, W, nvalid);
             } else {
               for (int c = 0; c < cb; ++c)
-                fwd_tile<T, 1>(f + c * fc, fc, fr, wp, wt, k, o + c * HW, HW, nvalid);
+                for (int r = 0; r < nr; ++r)
+                  fwd_band<T, 1, 1>(f + c * fc + r * fr, fc, fr, wp + r * wr, wt, wr, k, o + c * HW + r * W, HW, W, nvalid);
             }
           }
         }
@@ -208,7 +304,7 @@ void fwd_impl(const T* feat, const T* w, T* out, int B, int C, int H, int W, int
 }
 
 template <typename T>
-void tr_impl(const T* g, const T* w, T* gf, int B, int C, int H, int W, int k) {
+void tr_impl(const T* g, const T* w, bool tap_major, T* gf, int B, int C, int H, int W, int k) {
   constexpr int L = Vec<T>::L, JB = NV * L;
   const int Hp = H + k - 1, Wp = W + k - 1, K2 = k * k;
   const int64_t HW = (int64_t)H * W, HWp = (int64_t)Hp * Wp;
@@ -217,10 +313,23 @@ void tr_impl(const T* g, const T* w, T* gf, int B, int C, int H, int W, int k) {
   const int nb = (Wp + JB - 1) / JB, Wq = nb * JB + k - 1;
   const int64_t HWq = (int64_t)H * Wq;
   std::vector<T> wq((size_t)B * K2 * HWq, T(0));  // weights with padded rows (~k*k*H*W, small)
-  at::parallel_for(0, (int64_t)B * K2 * H, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      std::memcpy(&wq[r * Wq + k - 1], w + r * W, sizeof(T) * W);
-  });
+  if (tap_major) {
+    at::parallel_for(0, (int64_t)B * K2 * H, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        std::memcpy(&wq[r * Wq + k - 1], w + r * W, sizeof(T) * W);
+    });
+  } else {  // (B,H,W,K2): transpose one image row (W x K2, in L1) at a time
+    at::parallel_for(0, (int64_t)B * H, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / H, i = r % H;
+        const T* src = w + r * W * K2;
+        for (int t = 0; t < K2; ++t) {
+          T* dst = &wq[((b * K2 + t) * H + i) * Wq + k - 1];
+          for (int j = 0; j < W; ++j) dst[j] = src[(int64_t)j * K2 + t];
+        }
+      }
+    });
+  }
   // g rows of one channel block live in a ring of k zero-padded rows: each row is copied once.
   const int IT = 16, CG = 64;
   const int nit = (Hp + IT - 1) / IT, ncg = (C + CG - 1) / CG;
@@ -320,48 +429,92 @@ void check_inputs(const at::Tensor& x, const char* name) {
               " must be float32 or float64");
 }
 
+// (B,H,W,K2) <-> (B,K2,H,W), one image row (W x K2 values, in L1) per step.
+template <typename T>
+void hwk_to_tap(const T* src, T* dst, int B, int H, int W, int K2) {
+  at::parallel_for(0, (int64_t)B * H, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / H, i = r % H;
+      const T* s = src + r * W * K2;
+      for (int t = 0; t < K2; ++t) {
+        T* d = dst + ((b * K2 + t) * H + i) * W;
+        for (int j = 0; j < W; ++j) d[j] = s[(int64_t)j * K2 + t];
+      }
+    }
+  });
+}
+
+template <typename T>
+void tap_to_hwk(const T* src, T* dst, int B, int H, int W, int K2) {
+  at::parallel_for(0, (int64_t)B * H, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / H, i = r % H;
+      T* d = dst + r * W * K2;
+      for (int t = 0; t < K2; ++t) {
+        const T* s = src + ((b * K2 + t) * H + i) * W;
+        for (int j = 0; j < W; ++j) d[(int64_t)j * K2 + t] = s[j];
+      }
+    }
+  });
+}
+
 }  // namespace
 
-// feat (B,C,Hp,Wp), w (B,K2,H,W) -> (B,C,H,W)
-at::Tensor acv_fwd(const at::Tensor& feat, const at::Tensor& w, int64_t k) {
+// Weights come tap-major (B,K2,H,W) or pixel-major (B,H,W,K2): `tap_major` says which; the
+// kernels work tap-major (contiguous along image rows) and convert the small weight tensor here.
+
+// feat (B,C,Hp,Wp), w -> (B,C,H,W)
+at::Tensor acv_fwd(const at::Tensor& feat, const at::Tensor& w, int64_t k, bool tap_major) {
   check_inputs(feat, "feat"); check_inputs(w, "weights");
-  const int B = feat.size(0), C = feat.size(1), H = w.size(2), W = w.size(3);
-  auto out = at::empty({B, C, H, W}, feat.options());
-  advise_huge(out);
+  const int B = feat.size(0), C = feat.size(1);
+  const int H = tap_major ? w.size(2) : w.size(1), W = tap_major ? w.size(3) : w.size(2);
+  auto out = pooled_empty({B, C, H, W}, feat.options());
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "acv_fwd", [&] {
-    fwd_impl<scalar_t>(feat.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+    at::Tensor wt = w;
+    if (!tap_major) {
+      wt = at::empty({B, k * k, H, W}, w.options());
+      hwk_to_tap<scalar_t>(w.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), B, H, W, k * k);
+    }
+    fwd_impl<scalar_t>(feat.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                        B, C, H, W, (int)k);
   });
   return out;
 }
 
-// g (B,C,H,W), w (B,K2,H,W) -> (B,C,H+k-1,W+k-1)
-at::Tensor acv_tr(const at::Tensor& g, const at::Tensor& w, int64_t k) {
+// g (B,C,H,W), w -> (B,C,H+k-1,W+k-1)
+at::Tensor acv_tr(const at::Tensor& g, const at::Tensor& w, int64_t k, bool tap_major) {
   check_inputs(g, "grad"); check_inputs(w, "weights");
   const int B = g.size(0), C = g.size(1), H = g.size(2), W = g.size(3);
-  auto out = at::empty({B, C, H + k - 1, W + k - 1}, g.options());
-  advise_huge(out);
+  auto out = pooled_empty({B, C, H + k - 1, W + k - 1}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "acv_tr", [&] {
-    tr_impl<scalar_t>(g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                      B, C, H, W, (int)k);
+    tr_impl<scalar_t>(g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), tap_major,
+                      out.data_ptr<scalar_t>(), B, C, H, W, (int)k);
   });
   return out;
 }
 
-// a (B,C,H,W), p (B,C,H+k-1,W+k-1) -> (B,K2,H,W)
-at::Tensor acv_corr(const at::Tensor& a, const at::Tensor& p, int64_t k) {
+// a (B,C,H,W), p (B,C,H+k-1,W+k-1) -> (B,K2,H,W) if tap_major else (B,H,W,K2)
+at::Tensor acv_corr(const at::Tensor& a, const at::Tensor& p, int64_t k, bool tap_major) {
   check_inputs(a, "a"); check_inputs(p, "p");
   const int B = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3);
-  auto out = at::empty({B, k * k, H, W}, a.options());
+  auto tm = pooled_empty({B, k * k, H, W}, a.options());
+  at::Tensor out = tm;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "acv_corr", [&] {
-    corr_impl<scalar_t>(a.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+    corr_impl<scalar_t>(a.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), tm.data_ptr<scalar_t>(),
                         B, C, H, W, (int)k);
+    if (!tap_major) {
+      out = pooled_empty({B, H, W, k * k}, a.options());
+      tap_to_hwk<scalar_t>(tm.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, H, W, k * k);
+    }
   });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fwd", &acv_fwd, "adaptive conv forward (tap-major weights)");
+  m.def("empty_cache", [] { return Pool::get().empty(); }, "free pooled output blocks; returns bytes");
+  m.def("cached_bytes", [] { return Pool::get().cached(); }, "bytes held by the output pool");
+  m.def("set_cache_limit", [](size_t b) { Pool::get().set_cap(b); }, "max bytes the pool keeps");
+  m.def("fwd", &acv_fwd, "adaptive conv forward");
   m.def("tr", &acv_tr, "adjoint of the forward w.r.t. feat");
   m.def("corr", &acv_corr, "local correlation (adjoint w.r.t. weights)");
 }
