@@ -4,6 +4,7 @@ Implements FeatUp (Fu, Hamilton et al., ICLR 2024) with fast, exact CPU kernels.
 """
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from . import backbones
 from . import ops
 
 try:
@@ -11,4 +12,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+local"
 
-__all__ = ["ops", "__version__"]
+__all__ = ["backbones", "ops", "__version__"]

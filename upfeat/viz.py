@@ -1,0 +1,119 @@
+"""Visualisation helpers: PCA of feature maps as RGB, and PNG grids.
+
+Functions over tensors; matplotlib is imported inside :func:`save_grid` only, so importing upfeat
+never needs it.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import ShapeError, check_floating, check_tensor
+
+
+@dataclass(frozen=True)
+class PcaBasis:
+    """A fitted 3-component PCA: ``rgb = clamp((x - mean) @ components.T - lo) / (hi - lo)``.
+
+    Attributes:
+        mean: ``(C,)`` feature mean.  components: ``(3, C)`` principal directions.
+        lo, hi: ``(3,)`` robust range (1st / 99th percentile) mapped to ``[0, 1]``.
+    """
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+
+def _as_batch(feats: torch.Tensor, name: str = "feats") -> torch.Tensor:
+    check_tensor(feats, name)
+    if feats.ndim not in (3, 4):
+        raise ShapeError(f"{name} must have shape (B, C, h, w) or (C, h, w), got {tuple(feats.shape)}")
+    check_floating(feats, name)
+    return feats if feats.ndim == 4 else feats[None]
+
+
+def _project(x: torch.Tensor, basis: PcaBasis) -> torch.Tensor:
+    return (x - basis.mean) @ basis.components.T
+
+
+def fit_pca(feats: torch.Tensor, max_samples: int = 200_000) -> PcaBasis:
+    """Fit a PCA basis on all pixels of ``feats`` ``(B, C, h, w)`` or ``(C, h, w)`` jointly.
+
+    Exact (eigendecomposition of the ``C x C`` covariance, deterministic); each component's sign
+    is fixed so its largest loading is positive. At most ``max_samples`` evenly spaced pixels are
+    used.
+    """
+    f = _as_batch(feats)
+    if f.shape[1] < 3:
+        raise ShapeError(f"feats needs at least 3 channels for an RGB PCA, got {f.shape[1]}")
+    x = f.detach().double().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    x = x[:: max(1, x.shape[0] // max_samples)]
+    mean = x.mean(0)
+    xc = x - mean
+    _, vecs = torch.linalg.eigh(xc.T @ xc / max(1, xc.shape[0] - 1))
+    comps = vecs[:, -3:].flip(1).T  # (3, C), largest variance first
+    signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
+    comps = comps * torch.where(signs == 0, 1.0, signs)
+    proj = xc @ comps.T
+    lo, hi = torch.quantile(proj.float(), torch.tensor([0.01, 0.99]), dim=0).double()
+    return PcaBasis(mean.float(), comps.float(), lo.float(), hi.float())
+
+
+def pca_rgb(feats: torch.Tensor, basis: PcaBasis | None = None) -> torch.Tensor:
+    """First three principal components of ``feats`` as colours in ``[0, 1]``.
+
+    Args:
+        feats: ``(B, C, h, w)`` or ``(C, h, w)`` feature maps.
+        basis: a basis from :func:`fit_pca` to reuse (same colours across images); fitted on
+            ``feats`` (all images jointly) if ``None``.
+
+    Returns:
+        ``(B, 3, h, w)``, or ``(3, h, w)`` for an unbatched input.
+
+    Example:
+        >>> pca_rgb(torch.randn(2, 16, 5, 7)).shape
+        torch.Size([2, 3, 5, 7])
+    """
+    f = _as_batch(feats)
+    basis = fit_pca(f) if basis is None else basis
+    if basis.mean.shape[0] != f.shape[1]:
+        raise ShapeError(f"basis was fitted on {basis.mean.shape[0]} channels, feats has {f.shape[1]}")
+    x = f.detach().float().permute(0, 2, 3, 1)
+    b = PcaBasis(*(t.to(x.device) for t in (basis.mean, basis.components, basis.lo, basis.hi)))
+    rgb = ((_project(x, b) - b.lo) / (b.hi - b.lo).clamp_min(1e-12)).clamp(0, 1)
+    rgb = rgb.permute(0, 3, 1, 2).contiguous()
+    return rgb if feats.ndim == 4 else rgb[0]
+
+
+def save_grid(rows: Sequence[Sequence[torch.Tensor]], path: str | os.PathLike[str],
+              titles: Sequence[str] | None = None, cell_inches: float = 3.0) -> None:
+    """Save a PNG grid: ``rows[i][j]`` is an RGB image ``(3, H, W)`` in ``[0, 1]`` (any sizes).
+
+    Low-resolution feature images are drawn with nearest-neighbour pixels so patches stay visible.
+    ``titles`` label the columns.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    nrows, ncols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell_inches * ncols, cell_inches * nrows),
+                             squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(ncols):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j < len(row):
+                img = row[j].detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+                ax.imshow(img, interpolation="nearest")
+            if i == 0 and titles and j < len(titles):
+                ax.set_title(titles[j])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
