@@ -50,4 +50,4 @@ def local_dot_shift(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def compiled(name: str):
     """``torch.compile``'d shift implementation, created on first use (compiling takes ~10-20 s)."""
     fn = {"adaptive_conv": adaptive_conv_shift, "local_dot": local_dot_shift}[name]
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn)  # static first, dynamic shapes after a recompile
