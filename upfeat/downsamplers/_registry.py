@@ -1,0 +1,66 @@
+"""Name -> entrypoint registry for downsamplers (like timm's ``@register_model``)."""
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Callable
+from typing import TypeVar
+
+from .base import Downsampler
+
+EntryFn = TypeVar("EntryFn", bound=Callable[..., Downsampler])
+_ENTRYPOINTS: dict[str, Callable[..., Downsampler]] = {}
+
+
+def register_downsampler(name: str) -> Callable[[EntryFn], EntryFn]:
+    """Decorator registering ``fn(dim, stride, **kw) -> Downsampler`` under ``name``."""
+    def decorator(fn: EntryFn) -> EntryFn:
+        if name in _ENTRYPOINTS:
+            warnings.warn(f"downsampler {name!r} registered again; the new entrypoint wins",
+                          stacklevel=2)
+        _ENTRYPOINTS[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_downsamplers() -> list[str]:
+    """Sorted registered names."""
+    return sorted(_ENTRYPOINTS)
+
+
+def create_downsampler(name: str, dim: int, stride: int, **kwargs) -> Downsampler:
+    """Build a downsampler by name.
+
+    Args:
+        name: ``'simple'`` or ``'attention'`` (see :func:`list_downsamplers`).
+        dim: feature channels ``C`` (unused by ``'simple'``).
+        stride: backbone stride ``s``.
+        **kwargs: passed to the class (e.g. ``kernel_size``).
+
+    Example:
+        >>> create_downsampler("attention", dim=8, stride=16)
+        AttentionDownsampler(
+          dim=8, stride=16, kernel_size=16
+          (saliency): Conv2d(8, 1, kernel_size=(1, 1), stride=(1, 1), bias=False)
+        )
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if name not in _ENTRYPOINTS:
+        close = difflib.get_close_matches(name, list(_ENTRYPOINTS), n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown downsampler {name!r}.{hint} Known: {list_downsamplers()}")
+    return _ENTRYPOINTS[name](dim, stride, **kwargs)
+
+
+@register_downsampler("simple")
+def simple(dim: int, stride: int, **kwargs) -> Downsampler:
+    from .simple import SimpleDownsampler
+    return SimpleDownsampler(stride, **kwargs)
+
+
+@register_downsampler("attention")
+def attention(dim: int, stride: int, **kwargs) -> Downsampler:
+    from .attention import AttentionDownsampler
+    return AttentionDownsampler(dim, stride, **kwargs)
