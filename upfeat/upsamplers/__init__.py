@@ -1,0 +1,29 @@
+"""Upsamplers: low-res backbone features + the image -> full-resolution features.
+
+Every upsampler shares ``forward(feats (B, dim, h, w), image (B, 3, H, W) in [0, 1],
+output_size=None) -> (B, dim, H', W')`` (default ``(H', W') = (H, W)``), where ``h, w =
+ceil(H/stride), ceil(W/stride)`` as produced by :mod:`upfeat.backbones`; feature cell ``(i, j)``
+stays aligned with pixels ``[i*s, (i+1)*s) x [j*s, (j+1)*s)`` for any image size.
+
+Example:
+    >>> import torch
+    >>> up = create_upsampler("jbu_stack", dim=384, stride=14)
+    >>> up(torch.rand(1, 384, 17, 24), torch.rand(1, 3, 230, 333)).shape
+    torch.Size([1, 384, 230, 333])
+    >>> list_upsamplers()
+    ['bicubic', 'bilinear', 'jbu_stack', 'nearest', 'resize_conv']
+
+Checkpoint = ``up.state_dict()`` (safetensors) + ``up.config()`` (JSON);
+``create_upsampler(**config)`` rebuilds the module.
+"""
+from __future__ import annotations
+
+from . import interp, jbu  # noqa: F401  (registers the upsamplers)
+from ._registry import create_upsampler, get_upsampler_class, list_upsamplers, register_upsampler
+from .base import Geometry, Upsampler, resize_area
+from .interp import Bicubic, Bilinear, Nearest, ResizeConv
+from .jbu import JBULayer, JBUStack
+
+__all__ = ["Bicubic", "Bilinear", "Geometry", "JBULayer", "JBUStack", "Nearest", "ResizeConv",
+           "Upsampler", "create_upsampler", "get_upsampler_class", "list_upsamplers",
+           "register_upsampler", "resize_area"]

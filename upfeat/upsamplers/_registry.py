@@ -1,0 +1,61 @@
+"""Name -> upsampler class registry (like timm's ``@register_model``).
+
+A checkpoint is a safetensors state dict plus ``upsampler.config()`` saved as JSON; the config
+holds the registered name and every constructor argument, so ``create_upsampler(**config)``
+rebuilds the same module.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import warnings
+from collections.abc import Callable
+from typing import TypeVar
+
+from .base import Upsampler
+
+U = TypeVar("U", bound=type[Upsampler])
+
+_REGISTRY: dict[str, type[Upsampler]] = {}
+
+
+def register_upsampler(name: str) -> Callable[[U], U]:
+    """Class decorator registering an :class:`Upsampler` subclass under ``name``."""
+    def decorator(cls: U) -> U:
+        if name in _REGISTRY:
+            warnings.warn(f"upsampler {name!r} registered again; the new class wins", stacklevel=2)
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_upsamplers(pattern: str = "*") -> list[str]:
+    """Sorted registered names matching a shell-style ``pattern`` (``'jbu*'``)."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+
+
+def get_upsampler_class(name: str) -> type[Upsampler]:
+    """The class registered as ``name``; unknown names raise ``ValueError`` with close matches."""
+    if not isinstance(name, str):
+        raise TypeError(f"upsampler name must be a str, got {type(name).__name__}")
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown upsampler {name!r}.{hint} Known: {', '.join(list_upsamplers())}")
+    return _REGISTRY[name]
+
+
+def create_upsampler(name: str, dim: int, stride: int, **kwargs) -> Upsampler:
+    """Build a registered upsampler for ``dim``-channel features of a stride-``stride`` backbone.
+
+    Example:
+        >>> import torch
+        >>> up = create_upsampler("bilinear", dim=384, stride=14)
+        >>> up(torch.rand(1, 384, 16, 23), torch.rand(1, 3, 224, 320)).shape
+        torch.Size([1, 384, 224, 320])
+        >>> create_upsampler(**up.config()).config() == up.config()
+        True
+    """
+    return get_upsampler_class(name)(dim=dim, stride=stride, **kwargs)
