@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from ._utils import MaxNumel as _MaxNumel
 
 from upfeat._checks import ShapeError
 from upfeat.downsamplers import (AttentionDownsampler, SimpleDownsampler, attention_downsample,
@@ -135,19 +135,6 @@ def test_stride32_wide_features_runs():
     assert out.shape == (1, 384, 7, 7) and torch.isfinite(out).all()
 
 
-class _MaxNumel(TorchDispatchMode):
-    """Largest tensor produced by any op (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.max = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.max = max(self.max, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("cls", [SimpleDownsampler, AttentionDownsampler])

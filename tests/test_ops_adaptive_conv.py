@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from upfeat._checks import ShapeError
+from ._utils import MaxNumel as _MaxNumel
 from upfeat.ops import (
     BACKENDS,
     adaptive_conv,
@@ -176,19 +176,6 @@ def test_noncontiguous_and_channels_last(backend):
     big[:, ::2] = feat
     for f, x in [(cl, w), (feat_t, w_t), (big[:, ::2], w), (feat, w[:, :, :, :, :])]:
         torch.testing.assert_close(adaptive_conv(f, x, backend=backend), expected, rtol=1e-5, atol=1e-5)
-
-
-class _MaxNumel(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.max = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.max = max(self.max, t.numel())
-        return out
 
 
 def test_fast_path_never_materialises_unfolded_tensor():

@@ -7,7 +7,8 @@ import torch
 from upfeat._checks import ShapeError
 from upfeat.ops import jbu_kernel, jbu_kernel_reference, spatial_log_kernel
 
-from .test_ops_adaptive_conv import FAST, _MaxNumel
+from ._utils import MaxNumel as _MaxNumel
+from .test_ops_adaptive_conv import FAST
 
 
 @pytest.mark.parametrize("backend", FAST)

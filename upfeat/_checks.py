@@ -5,7 +5,8 @@ how, never a stack trace from deep inside torch.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -55,3 +56,18 @@ def check_same(tensors: dict[str, torch.Tensor], attr: str) -> None:
     if len(set(values.values())) > 1:
         desc = ", ".join(f"{name}.{attr}={v}" for name, v in values.items())
         raise (TypeError if attr == "dtype" else ValueError)(f"{attr} mismatch: {desc}")
+
+
+def unknown_name(name: object, known: Iterable[str], what: str, hint: str = "") -> Exception:
+    """The error for a name missing from a registry: close matches, then ``hint`` (or the list).
+
+    Example:
+        >>> unknown_name("bilinar", ["bilinear", "bicubic"], "upsampler")
+        ValueError("unknown upsampler 'bilinar'. Did you mean: bilinear? Known: bicubic, bilinear")
+    """
+    if not isinstance(name, str):
+        return TypeError(f"{what} name must be a str, got {type(name).__name__}")
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    did_you_mean = f" Did you mean: {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown {what} {name!r}.{did_you_mean} {hint or 'Known: ' + ', '.join(known)}")

@@ -6,7 +6,7 @@ and tests can check that the built model matches its documentation.
 """
 from __future__ import annotations
 
-import difflib
+from .._checks import unknown_name
 import fnmatch
 import warnings
 from collections.abc import Callable
@@ -49,18 +49,10 @@ def is_backbone(name: str) -> bool:
     return name in _ENTRYPOINTS
 
 
-def _unknown(name: str, known: list[str], what: str, hint: str) -> ValueError:
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-    did_you_mean = f" Did you mean: {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown {what} {name!r}.{did_you_mean} {hint}")
-
-
 def get_entrypoint(name: str) -> Callable[..., Backbone]:
     """The entrypoint of ``name``; unknown names raise ``ValueError`` listing close matches."""
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    if name not in _ENTRYPOINTS:
-        raise _unknown(name, list(_ENTRYPOINTS), "backbone",
+    if not isinstance(name, str) or name not in _ENTRYPOINTS:
+        raise unknown_name(name, _ENTRYPOINTS, "backbone",
                        "See upfeat.backbones.list_backbones(), use 'timm:<timm model name>' for "
                        "any timm model, or upfeat.backbones.wrap(module, stride, dim).")
     return _ENTRYPOINTS[name]

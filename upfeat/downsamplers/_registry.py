@@ -1,7 +1,7 @@
 """Name -> entrypoint registry for downsamplers (like timm's ``@register_model``)."""
 from __future__ import annotations
 
-import difflib
+from .._checks import unknown_name
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
@@ -45,12 +45,8 @@ def create_downsampler(name: str, dim: int, stride: int, **kwargs) -> Downsample
           (saliency): Conv2d(8, 1, kernel_size=(1, 1), stride=(1, 1), bias=False)
         )
     """
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    if name not in _ENTRYPOINTS:
-        close = difflib.get_close_matches(name, list(_ENTRYPOINTS), n=3, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown downsampler {name!r}.{hint} Known: {list_downsamplers()}")
+    if not isinstance(name, str) or name not in _ENTRYPOINTS:
+        raise unknown_name(name, _ENTRYPOINTS, "downsampler")
     return _ENTRYPOINTS[name](dim, stride, **kwargs)
 
 

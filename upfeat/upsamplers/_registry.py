@@ -6,7 +6,7 @@ rebuilds the same module.
 """
 from __future__ import annotations
 
-import difflib
+from .._checks import unknown_name
 import fnmatch
 import warnings
 from collections.abc import Callable
@@ -38,12 +38,8 @@ def list_upsamplers(pattern: str = "*") -> list[str]:
 
 def get_upsampler_class(name: str) -> type[Upsampler]:
     """The class registered as ``name``; unknown names raise ``ValueError`` with close matches."""
-    if not isinstance(name, str):
-        raise TypeError(f"upsampler name must be a str, got {type(name).__name__}")
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown upsampler {name!r}.{hint} Known: {', '.join(list_upsamplers())}")
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise unknown_name(name, _REGISTRY, "upsampler")
     return _REGISTRY[name]
 
 
