@@ -95,40 +95,6 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   return at::from_blob(p, sizes, [bytes](void* q) { Pool::get().give(q, bytes); }, opt);
 }
 
-// ---------------------------------------------------------------------------------------------
-// fwd / tr register kernel: acc[cc][n] = sum_{u,v} A(cc,u)[col - s*v + n*L] * Wt(u,v)[col - s*v + n*L]
-// fwd uses s = -1 for feat (reads to the right) and its own weight offset; so the two kernels
-// below are written out separately for clarity rather than folded into one with signs.
-// ---------------------------------------------------------------------------------------------
-template <typename T, int C_B>
-inline void fwd_tile(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt, int k,
-                     T* o, int64_t oc, int nvalid) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::L;
-  V acc[C_B][NV];
-  for (int c = 0; c < C_B; ++c)
-    for (int n = 0; n < NV; ++n) acc[c][n] = V{};
-  for (int u = 0; u < k; ++u) {
-    for (int v = 0; v < k; ++v) {
-      const T* wp = w + (int64_t)(u * k + v) * wt;
-      V wv[NV];
-      for (int n = 0; n < NV; ++n) wv[n] = vload<V>(wp + n * L);
-      const T* fp = f + u * fr + v;
-      for (int c = 0; c < C_B; ++c)
-        for (int n = 0; n < NV; ++n) acc[c][n] += vload<V>(fp + c * fc + n * L) * wv[n];
-    }
-  }
-  for (int c = 0; c < C_B; ++c) {
-    if (nvalid == NV * L) {
-      for (int n = 0; n < NV; ++n) vstore(o + c * oc + n * L, acc[c][n]);
-    } else {
-      T tmp[NV * L];
-      for (int n = 0; n < NV; ++n) vstore(tmp + n * L, acc[c][n]);
-      std::memcpy(o + c * oc, tmp, sizeof(T) * nvalid);
-    }
-  }
-}
-
 // R output rows at once: a feat row s feeds output row r through tap row u = s - r, so each feat
 // vector load serves R FMAs (and each weight vector C_B). Pairs (r, s) with u outside [0, k)
 // multiply a zero vector: simpler than trimming the loop, and only (R-1)/(R+k-1) of the work.
@@ -249,6 +215,22 @@ void corr_taps(const T* a, int64_t ac, const T* p, int64_t pc, int C, T* o, int6
 }
 
 // ---------------------------------------------------------------------------------------------
+// (B,H,W,K2) -> (B,K2,H,ld): one image row (W x K2 values, in L1) per step; `ld` >= W lets the
+// destination rows be padded (tr's zero-padded weight rows).
+template <typename T>
+void hwk_to_tap(const T* src, T* dst, int B, int H, int W, int K2, int64_t ld) {
+  at::parallel_for(0, (int64_t)B * H, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / H, i = r % H;
+      const T* s = src + r * W * K2;
+      for (int t = 0; t < K2; ++t) {
+        T* d = dst + ((b * K2 + t) * H + i) * ld;
+        for (int j = 0; j < W; ++j) d[j] = s[(int64_t)j * K2 + t];
+      }
+    }
+  });
+}
+
 template <typename T>
 void fwd_impl(const T* feat, const T* w, T* out, int B, int C, int H, int W, int k) {
   constexpr int L = Vec<T>::L, JB = NV * L;
@@ -318,24 +300,15 @@ void tr_impl(const T* g, const T* w, bool tap_major, T* gf, int B, int C, int H,
       for (int64_t r = begin; r < end; ++r)
         std::memcpy(&wq[r * Wq + k - 1], w + r * W, sizeof(T) * W);
     });
-  } else {  // (B,H,W,K2): transpose one image row (W x K2, in L1) at a time
-    at::parallel_for(0, (int64_t)B * H, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / H, i = r % H;
-        const T* src = w + r * W * K2;
-        for (int t = 0; t < K2; ++t) {
-          T* dst = &wq[((b * K2 + t) * H + i) * Wq + k - 1];
-          for (int j = 0; j < W; ++j) dst[j] = src[(int64_t)j * K2 + t];
-        }
-      }
-    });
+  } else {
+    hwk_to_tap<T>(w, wq.data() + k - 1, B, H, W, K2, Wq);
   }
   // g rows of one channel block live in a ring of k zero-padded rows: each row is copied once.
   const int IT = 16, CG = 64;
   const int nit = (Hp + IT - 1) / IT, ncg = (C + CG - 1) / CG;
   at::parallel_for(0, (int64_t)B * nit * ncg, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> ring((size_t)CB * k * Wq, T(0));
-    std::vector<const T*> rows(k);
+    std::vector<const T*> rows(k), rc(k);  // rc: one channel's rows (remainder channels)
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / (nit * ncg), it = (task / ncg) % nit, cg = task % ncg;
       const int c_end = std::min(C, (cg + 1) * CG), y_beg = it * IT, y_end = std::min(Hp, y_beg + IT);
@@ -364,7 +337,6 @@ void tr_impl(const T* g, const T* w, bool tap_major, T* gf, int B, int C, int H,
                              o, HWp, nvalid);
             } else {
               for (int c = 0; c < cb; ++c) {
-                std::vector<const T*> rc(k);
                 for (int u = ulo; u < uhi; ++u) rc[u] = rows[u] + (size_t)c * k * Wq;
                 tr_tile<T, 1>(rc.data(), 0, wp, HWq, -Wq, x0 + k - 1, k, ulo, uhi, o + c * HWp,
                               HWp, nvalid);
@@ -429,21 +401,7 @@ void check_inputs(const at::Tensor& x, const char* name) {
               " must be float32 or float64");
 }
 
-// (B,H,W,K2) <-> (B,K2,H,W), one image row (W x K2 values, in L1) per step.
-template <typename T>
-void hwk_to_tap(const T* src, T* dst, int B, int H, int W, int K2) {
-  at::parallel_for(0, (int64_t)B * H, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / H, i = r % H;
-      const T* s = src + r * W * K2;
-      for (int t = 0; t < K2; ++t) {
-        T* d = dst + ((b * K2 + t) * H + i) * W;
-        for (int j = 0; j < W; ++j) d[j] = s[(int64_t)j * K2 + t];
-      }
-    }
-  });
-}
-
+// (B,K2,H,W) -> (B,H,W,K2), the inverse of hwk_to_tap with ld = W.
 template <typename T>
 void tap_to_hwk(const T* src, T* dst, int B, int H, int W, int K2) {
   at::parallel_for(0, (int64_t)B * H, 8, [&](int64_t begin, int64_t end) {
@@ -473,7 +431,7 @@ at::Tensor acv_fwd(const at::Tensor& feat, const at::Tensor& w, int64_t k, bool 
     at::Tensor wt = w;
     if (!tap_major) {
       wt = at::empty({B, k * k, H, W}, w.options());
-      hwk_to_tap<scalar_t>(w.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), B, H, W, k * k);
+      hwk_to_tap<scalar_t>(w.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), B, H, W, k * k, W);
     }
     fwd_impl<scalar_t>(feat.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                        B, C, H, W, (int)k);
