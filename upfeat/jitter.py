@@ -123,8 +123,11 @@ def _grid(theta: torch.Tensor, x: torch.Tensor, out_size: tuple[int, int]) -> to
                          align_corners=False)
 
 
-def _warp(x: torch.Tensor, theta: torch.Tensor, out_size, mode: str, padding_mode: str,
+def _warp(x: torch.Tensor, view: View, inverse: bool, out_size, mode: str, padding_mode: str,
           name: str) -> torch.Tensor:
+    """Validate, then resample ``x`` through ``view`` (or its inverse); identity returns ``x``."""
+    if not isinstance(view, View):
+        raise TypeError(f"view must be an upfeat.jitter.View, got {type(view).__name__}")
     dims = check_shape(x, ["B", "C", "H", "W"], name)
     check_floating(x, name)
     if mode not in _MODES:
@@ -134,6 +137,9 @@ def _warp(x: torch.Tensor, theta: torch.Tensor, out_size, mode: str, padding_mod
     out = (dims["H"], dims["W"]) if out_size is None else tuple(int(s) for s in out_size)
     if len(out) != 2 or min(out) < 1:
         raise ValueError(f"out_size must be (H', W') with positive sides, got {out_size!r}")
+    if view.is_identity and out == (dims["H"], dims["W"]):
+        return x
+    theta = view.inverse_theta(dtype=torch.float64) if inverse else view.theta(dtype=torch.float64)
     # Sample in fp32 at least (affine_grid/grid_sample lack fp16 on CPU), return x's dtype.
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     grid = _grid(theta.to(device=x.device, dtype=work.dtype), work, out)
@@ -163,13 +169,7 @@ def apply_view(x: torch.Tensor, view: View, out_size: tuple[int, int] | None = N
         >>> apply_view(x, View(flip=True))
         tensor([[[[3., 2., 1., 0.]]]])
     """
-    if not isinstance(view, View):
-        raise TypeError(f"view must be an upfeat.jitter.View, got {type(view).__name__}")
-    check_shape(x, ["B", "C", "H", "W"], "x")
-    if view.is_identity and (out_size is None or tuple(out_size) == tuple(x.shape[-2:])):
-        check_floating(x, "x")
-        return x
-    return _warp(x, view.theta(dtype=torch.float64), out_size, mode, padding_mode, "x")
+    return _warp(x, view, False, out_size, mode, padding_mode, "x")
 
 
 def invert_view(y: torch.Tensor, view: View, out_size: tuple[int, int] | None = None,
@@ -187,13 +187,7 @@ def invert_view(y: torch.Tensor, view: View, out_size: tuple[int, int] | None = 
         ``(B, C, H, W)``; inside the window ``invert_view(apply_view(x, v), v) ≈ x`` (exact for
         flips and integer shifts, a bilinear round trip for zooms).
     """
-    if not isinstance(view, View):
-        raise TypeError(f"view must be an upfeat.jitter.View, got {type(view).__name__}")
-    check_shape(y, ["B", "C", "H", "W"], "y")
-    if view.is_identity and (out_size is None or tuple(out_size) == tuple(y.shape[-2:])):
-        check_floating(y, "y")
-        return y
-    return _warp(y, view.inverse_theta(dtype=torch.float64), out_size, mode, padding_mode, "y")
+    return _warp(y, view, True, out_size, mode, padding_mode, "y")
 
 
 def view_mask(view: View, size: tuple[int, int], device=None) -> torch.Tensor:
