@@ -6,12 +6,12 @@ and tests can check that the built model matches its documentation.
 """
 from __future__ import annotations
 
-from .._checks import unknown_name
 import fnmatch
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
+from .._checks import unknown_name
 from .base import Backbone, BackboneCfg
 
 EntryFn = TypeVar("EntryFn", bound=Callable[..., Backbone])

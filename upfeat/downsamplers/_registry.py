@@ -1,11 +1,11 @@
 """Name -> entrypoint registry for downsamplers (like timm's ``@register_model``)."""
 from __future__ import annotations
 
-from .._checks import unknown_name
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
+from .._checks import unknown_name
 from .base import Downsampler
 
 EntryFn = TypeVar("EntryFn", bound=Callable[..., Downsampler])

@@ -6,12 +6,12 @@ rebuilds the same module.
 """
 from __future__ import annotations
 
-from .._checks import unknown_name
 import fnmatch
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
+from .._checks import unknown_name
 from .base import Upsampler
 
 U = TypeVar("U", bound=type[Upsampler])
