@@ -70,5 +70,9 @@ def test_errors():
         jbu_kernel(torch.randn(1, 3, 8, 8), 1.0, 1.0, k=4)
     with pytest.raises(ShapeError, match=r"guidance must have shape \(B, D, H, W\)"):
         jbu_kernel(torch.randn(3, 8, 8), 1.0, 1.0)
+    with pytest.raises(ValueError, match="sigma must be one positive number, got 0.0"):
+        jbu_kernel(torch.randn(1, 3, 8, 8), 1.0, 0.0)
+    with pytest.raises(ValueError, match="temperature must be one finite number"):
+        jbu_kernel(torch.randn(1, 3, 8, 8), float("inf"), 1.0)
     with pytest.raises(TypeError, match="floating-point"):
         jbu_kernel(torch.ones(1, 3, 8, 8, dtype=torch.uint8), 1.0, 1.0)

@@ -41,11 +41,17 @@ def _pad(g: torch.Tensor, r: int) -> torch.Tensor:
     return F.pad(g, [r, r, r, r], mode=mode)
 
 
-def _check(guidance: torch.Tensor, k: int) -> None:
+def _check(guidance: torch.Tensor, k: int, temperature, sigma) -> None:
     check_shape(guidance, ["B", "D", "H", "W"], "guidance")
     check_floating(guidance, "guidance")
     if k < 1 or k % 2 == 0:
         raise ShapeError(f"kernel size k must be odd and positive, got {k}")
+    # σ <= 0 or a non-finite temperature would give NaN weights without any error.
+    s, t = torch.as_tensor(sigma).detach(), torch.as_tensor(temperature).detach()
+    if s.numel() != 1 or not bool(s > 0):
+        raise ValueError(f"sigma must be one positive number, got {sigma!r}")
+    if t.numel() != 1 or not bool(torch.isfinite(t)):
+        raise ValueError(f"temperature must be one finite number, got {temperature!r}")
 
 
 def jbu_kernel(
@@ -73,7 +79,7 @@ def jbu_kernel(
         >>> w.shape, torch.allclose(w.sum((-1, -2)), torch.ones(2, 5, 6))
         (torch.Size([2, 5, 6, 3, 3]), True)
     """
-    _check(guidance, k)
+    _check(guidance, k, temperature, sigma)
     B, _, H, W = guidance.shape
     logits = local_dot(guidance, _pad(guidance, k // 2), backend=backend)
     tm = logits.permute(0, 3, 4, 1, 2).reshape(B, k * k, H, W)  # free for the cpp backend
@@ -90,7 +96,7 @@ def jbu_kernel_reference(
 
     Materialises (B, D, k*k, H, W); for tests only. Same contract as :func:`jbu_kernel`.
     """
-    _check(guidance, k)
+    _check(guidance, k, temperature, sigma)
     logits = local_dot_reference(guidance, _pad(guidance, k // 2))
     B, H, W = logits.shape[:3]
     rng = torch.softmax(torch.as_tensor(temperature) * logits.reshape(B, H, W, k * k), dim=-1)
