@@ -4,12 +4,13 @@ Implements FeatUp (Fu, Hamilton et al., ICLR 2024) with fast, exact CPU kernels.
 """
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from . import backbones
-from . import ops
-
 try:
     __version__ = _version("upfeat")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+local"
 
-__all__ = ["backbones", "ops", "__version__"]
+from . import backbones  # noqa: E402  (after __version__: submodules read it)
+from . import ops  # noqa: E402
+from .model import UpFeat, list_pretrained, load  # noqa: E402
+
+__all__ = ["UpFeat", "backbones", "list_pretrained", "load", "ops", "__version__"]

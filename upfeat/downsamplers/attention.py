@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import ShapeError
 from .base import Downsampler, cell_pad
 
 
@@ -88,20 +89,32 @@ class AttentionDownsampler(Downsampler):
         """``(k, k)`` saliency-free part of the weights: ``softmax(b)``."""
         return self.b.flatten().softmax(0).view_as(self.b)
 
-    def weights(self, hr: torch.Tensor) -> torch.Tensor:
-        """``(B, k, k, h, w)`` window weights (non-negative, each window sums to 1)."""
+    def guidance(self, hr: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` saliency map (a 1x1 conv without bias: linear in ``hr``)."""
+        return self.saliency(hr)
+
+    def weights(self, hr: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, k, k, h, w)`` window weights (non-negative, each window sums to 1), from
+        ``guidance`` (the saliency map) if given, else from ``hr``."""
         k, s = self.kernel_size, self.stride
         h, w = self.output_size(*hr.shape[-2:])
-        sal = cell_pad(self.saliency(hr), s, k)                   # (B, 1, Hp, Wp), 1 channel only
+        sal = self.guidance(hr) if guidance is None else guidance
+        sal = cell_pad(sal, s, k)                                  # (B, 1, Hp, Wp), 1 channel only
         sal = F.unfold(sal, k, stride=s).view(hr.shape[0], k * k, h, w)
         logits = sal * self.w.reshape(1, -1, 1, 1) + self.b.reshape(1, -1, 1, 1)
         return logits.softmax(1).view(hr.shape[0], k, k, h, w)
 
-    def forward(self, hr: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(self, hr: torch.Tensor, out_size: tuple[int, int] | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         """``hr (B, C, H, W) -> (B, C, ceil(H/s), ceil(W/s))``; ``out_size``, if given, must equal
-        that size (a check that the high-res map and the low-res target cover the same pixels)."""
-        self._check(hr, out_size, self.dim)
-        return attention_downsample(hr, self.weights(hr), self.stride)
+        that size (a check that the high-res map and the low-res target cover the same pixels).
+        With ``guidance`` (``(B, 1, H, W)``, see :meth:`guidance`) ``hr`` may have any number of
+        channels, e.g. a random projection of the features the saliency was computed from."""
+        d = self._check(hr, out_size, self.dim if guidance is None else None)
+        if guidance is not None and tuple(guidance.shape) != (d["B"], 1, d["H"], d["W"]):
+            raise ShapeError(f"guidance must have shape ({d['B']}, 1, {d['H']}, {d['W']}) "
+                             f"(the saliency of hr), got {tuple(guidance.shape)}")
+        return attention_downsample(hr, self.weights(hr, guidance), self.stride)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, " + super().extra_repr()

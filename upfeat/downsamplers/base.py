@@ -89,5 +89,16 @@ class Downsampler(nn.Module):
         """``(k, k)`` non-negative learned spatial kernel summing to 1 (for regularisers)."""
         raise NotImplementedError
 
+    def guidance(self, hr: torch.Tensor) -> torch.Tensor | None:
+        """``(B, g, H, W)`` per-pixel *linear* maps of ``hr`` that the pooling weights depend on,
+        or ``None`` if the weights do not depend on ``hr`` (pure blur).
+
+        Downsamplers pool every channel with the same weights, so pooling a channel projection
+        ``P·hr`` gives ``P·pool(hr)``; passing ``guidance=self.guidance(hr)`` (warped like ``hr``,
+        which is exact because it is linear per pixel) lets ``forward`` pool a projected or warped
+        map with the weights the full one would have had.
+        """
+        return None
+
     def extra_repr(self) -> str:
         return f"stride={self.stride}, kernel_size={self.kernel_size}"

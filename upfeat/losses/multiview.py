@@ -60,32 +60,56 @@ class MultiViewLoss(nn.Module):
         self.crf_samples = crf_samples
 
     def forward(self, lr_target: torch.Tensor, hr_view: torch.Tensor, downsampler: nn.Module,
-                generator: torch.Generator | None = None,
-                image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, image: torch.Tensor | None = None, *,
+                projection: torch.Tensor | None = None, hr_projected: bool = False,
+                guidance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """See the class docstring. Keyword-only arguments give training's fast path:
+
+        ``projection`` ``(C, proj_dim)`` replaces the fresh random one (e.g. one per step, shared
+        by all views); with ``hr_projected=True`` ``hr_view`` is already ``P·t(F_hr)``
+        ``(B, proj_dim, H, W)`` and ``guidance`` is ``t(downsampler.guidance(F_hr))``. Projection,
+        warp and pooling are all linear per channel and the guidance is linear per pixel, so this
+        equals the plain call with the same projection at ``proj_dim / C`` of the cost.
+        """
         for name, t, dims in (("lr_target", lr_target, ["B", "C", "h", "w"]),
                               ("hr_view", hr_view, ["B", "C", "H", "W"])):
             check_shape(t, dims, name)
             check_floating(t, name)
-            if t.shape[1] != self.dim:
-                raise ShapeError(f"{name} must have {self.dim} channels, got shape {tuple(t.shape)}")
+        if lr_target.shape[1] != self.dim:
+            raise ShapeError(f"lr_target must have {self.dim} channels, got shape "
+                             f"{tuple(lr_target.shape)}")
+        if hr_projected and (projection is None or self.proj_dim is None):
+            raise ValueError("hr_projected=True needs projection=(C, proj_dim) and a proj_dim")
+        if projection is not None and (self.proj_dim is None or tuple(projection.shape) !=
+                                       (self.dim, self.proj_dim)):
+            raise ShapeError(f"projection must have shape ({self.dim}, {self.proj_dim}), got "
+                             f"{tuple(projection.shape)}")
+        want = self.proj_dim if hr_projected else self.dim
+        if hr_view.shape[1] != want:
+            raise ShapeError(f"hr_view must have {want} channels"
+                             f"{' (already projected)' if hr_projected else ''}, got shape "
+                             f"{tuple(hr_view.shape)}")
         if hr_view.shape[0] != lr_target.shape[0]:
             raise ShapeError(f"hr_view batch {hr_view.shape[0]} != lr_target batch "
                              f"{lr_target.shape[0]}")
         if self.crf_weight > 0 and image is None:
             raise ValueError("crf_weight > 0 needs image=(B, 3, H, W), the jittered image t(x)")
-        down = downsampler(hr_view, out_size=tuple(lr_target.shape[-2:]))
-        if down.shape != lr_target.shape:
+        kw = {} if guidance is None else {"guidance": guidance}
+        down = downsampler(hr_view, out_size=tuple(lr_target.shape[-2:]), **kw)
+        if down.shape[-2:] != lr_target.shape[-2:]:
             raise ShapeError(f"downsampler(hr_view) has shape {tuple(down.shape)}, expected "
-                             f"lr_target's {tuple(lr_target.shape)}")
+                             f"lr_target's grid {tuple(lr_target.shape[-2:])}")
         log_sigma = (self.scale_net(lr_target) if self.scale_net is not None
                      else lr_target.new_zeros(lr_target.shape[0], 1, *lr_target.shape[-2:]))
         target, pred, hr = lr_target, down, hr_view
         if self.proj_dim is not None:
-            proj = random_projection(self.dim, self.proj_dim, generator, device=hr_view.device,
-                                     dtype=hr_view.dtype)
-            target, pred = project(lr_target, proj), project(down, proj)
-            if self.tv_weight > 0 or self.crf_weight > 0:
-                hr = project(hr_view, proj)
+            proj = projection if projection is not None else random_projection(
+                self.dim, self.proj_dim, generator, device=hr_view.device, dtype=hr_view.dtype)
+            target = project(lr_target, proj)
+            if not hr_projected:
+                pred = project(down, proj)
+                if self.tv_weight > 0 or self.crf_weight > 0:
+                    hr = project(hr_view, proj)
         nll = gaussian_nll(target, pred, log_sigma)
         zero = nll.new_zeros(())
         tv = tv_loss(hr) if self.tv_weight > 0 else zero

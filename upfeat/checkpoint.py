@@ -1,0 +1,139 @@
+"""Checkpoint files: tensors in safetensors, everything else as JSON; written atomically.
+
+One checkpoint is one ``.safetensors`` file whose metadata holds the JSON config under the key
+``"upfeat"`` (so a lone file is self-describing), plus, for exported models, a human-readable
+sidecar ``<stem>.json`` with the same config. Nothing is pickled. Writes go to a temporary file in
+the same directory, are fsync'ed and then ``os.replace``'d over the target, so a crash or SIGKILL at
+any moment leaves either the old complete file or the new complete file, never a torn one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+META_KEY = "upfeat"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or does not fit what it is loaded into."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened; rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write) -> Path:
+    """Call ``write(tmp_path)`` then atomically move the finished file to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
+                    meta: dict, sidecar: bool = False) -> Path:
+    """Write ``tensors`` + JSON ``meta`` to ``path`` (``.safetensors``) atomically.
+
+    Args:
+        tensors: name -> tensor (moved to CPU, made contiguous; shared storage is copied).
+        meta: JSON-serialisable dict, stored in the file's metadata.
+        sidecar: also write ``meta`` as ``<path without suffix>.json`` (atomically too).
+    """
+    text = json.dumps(meta, sort_keys=True)  # fails here, before anything is written
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    path = atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata={META_KEY: text}))
+    if sidecar:
+        atomic_write(path.with_suffix(".json"),
+                     lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    return path
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict:
+    """The JSON config of a checkpoint: the ``<stem>.json`` sidecar if present, else the metadata."""
+    path = _existing(path)
+    side = path.with_suffix(".json")
+    if side.is_file():
+        try:
+            return json.loads(side.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{side}: not valid JSON ({e})") from None
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get(META_KEY)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if text is None:
+        raise CheckpointError(f"{path}: safetensors file without upfeat metadata and no "
+                              f"{side.name} beside it; it is not an upfeat checkpoint")
+    return json.loads(text)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, meta)`` of a checkpoint written by :func:`save_checkpoint` (no pickle)."""
+    path = _existing(path)
+    meta = read_meta(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    return tensors, meta
+
+
+def _existing(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(path.glob("*.safetensors"))
+        if len(candidates) != 1:
+            raise CheckpointError(f"{path}: expected one .safetensors checkpoint in this folder, "
+                                  f"found {len(candidates)}")
+        path = candidates[0]
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def subdict(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Entries under ``prefix.`` with the prefix removed."""
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
+                      source: str | os.PathLike[str]) -> None:
+    """``module.load_state_dict(state, strict=True)`` with a one-line error naming the file."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = [f"missing {missing[:4]}" if missing else "",
+                 f"unexpected {unexpected[:4]}" if unexpected else "",
+                 f"shape mismatch (checkpoint vs model) {wrong[:3]}" if wrong else ""]
+        raise CheckpointError(f"{source}: the {what} weights do not fit the {what} built from its "
+                              f"config: " + "; ".join(p for p in parts if p))
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,142 @@
+"""Backbone + trained upsampler as one ``nn.Module``, and loading it by name or path.
+
+``upfeat.load("vits14_focus_jbu")`` loads a checkpoint shipped inside the package;
+``upfeat.load(path)`` any checkpoint written by ``upfeat train`` (its ``model.safetensors``, its
+run folder, or a training checkpoint ``checkpoints/last.safetensors``).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import backbones
+from .checkpoint import CheckpointError, load_checkpoint, load_module_state, subdict
+from .upsamplers import Upsampler, create_upsampler
+
+_WEIGHTS = Path(__file__).parent / "weights"
+# name -> file in upfeat/weights (safetensors + a JSON sidecar with the same stem)
+PRETRAINED = {"vits14_focus_jbu": "vits14_focus_jbu.safetensors"}
+
+
+def list_pretrained() -> list[str]:
+    """Names accepted by :func:`load` besides paths."""
+    return sorted(PRETRAINED)
+
+
+class UpFeat(nn.Module):
+    """Frozen backbone + upsampler: images ``(B, 3, H, W)`` in [0, 1] -> ``(B, dim, H, W)``.
+
+    Attributes: ``backbone`` (:class:`upfeat.backbones.Backbone`), ``upsampler``
+    (:class:`upfeat.upsamplers.Upsampler`), ``config`` (the checkpoint's JSON, or ``{}``).
+    """
+
+    def __init__(self, backbone: nn.Module, upsampler: Upsampler, config: dict | None = None) -> None:
+        super().__init__()
+        if (backbone.dim, backbone.stride) != (upsampler.dim, upsampler.stride):
+            raise ValueError(f"upsampler built for dim {upsampler.dim}, stride {upsampler.stride} "
+                             f"does not fit backbone dim {backbone.dim}, stride {backbone.stride}")
+        self.backbone, self.upsampler, self.config = backbone, upsampler, dict(config or {})
+        self.backbone.requires_grad_(False)
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.dim
+
+    @property
+    def stride(self) -> int:
+        return self.backbone.stride
+
+    def lowres(self, img: torch.Tensor) -> torch.Tensor:
+        """Backbone features ``(B, dim, ceil(H/s), ceil(W/s))``."""
+        return self.backbone(img)
+
+    def forward(self, img: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``(B, 3, H, W)`` RGB in [0, 1] -> ``(B, dim, H', W')``, ``(H', W') = output_size or (H, W)``."""
+        return self.upsampler(self.lowres(img), img, output_size)
+
+
+def resolve(name_or_path: str | os.PathLike[str]) -> Path:
+    """Path of a shipped name, a checkpoint file, or a run folder (its ``model.safetensors``)."""
+    if isinstance(name_or_path, str) and name_or_path in PRETRAINED:
+        return _WEIGHTS / PRETRAINED[name_or_path]
+    p = Path(name_or_path)
+    if p.is_dir():
+        for cand in (p / "model.safetensors", p / "checkpoints" / "last.safetensors"):
+            if cand.is_file():
+                return cand
+        raise CheckpointError(f"{p}: folder has neither model.safetensors nor "
+                              f"checkpoints/last.safetensors")
+    if not p.is_file():
+        hint = f"; shipped names: {', '.join(list_pretrained())}" if not p.suffix else ""
+        raise CheckpointError(f"no checkpoint {str(name_or_path)!r}: not a file or folder{hint}")
+    return p
+
+
+def check_backbone(meta: dict, backbone: nn.Module, source: object) -> None:
+    """Raise :class:`CheckpointError` unless ``backbone`` has the checkpoint's dim and stride."""
+    want = meta["backbone"]
+    got = getattr(getattr(backbone, "cfg", None), "name", type(backbone).__name__)
+    if (backbone.dim, backbone.stride) != (want["dim"], want["stride"]):
+        raise CheckpointError(
+            f"{source} was trained for backbone {want['name']!r} (dim {want['dim']}, stride "
+            f"{want['stride']}), but backbone {got!r} has dim {backbone.dim}, stride "
+            f"{backbone.stride}; train an upsampler for it: upfeat train --backbone {got} ...")
+    if got != want["name"]:
+        warnings.warn(f"{source} was trained on {want['name']!r} features, used with {got!r} "
+                      f"(same dim and stride)", stacklevel=3)
+
+
+def load_upsampler(name_or_path: str | os.PathLike[str]) -> tuple[Upsampler, dict]:
+    """The trained upsampler of a checkpoint and the checkpoint's JSON config."""
+    path = resolve(name_or_path)
+    tensors, meta = load_checkpoint(path)
+    if "upsampler" not in meta or "backbone" not in meta:
+        raise CheckpointError(f"{path}: not an upfeat model checkpoint (no upsampler/backbone "
+                              f"in its config)")
+    try:
+        up = create_upsampler(**meta["upsampler"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot build its upsampler {meta['upsampler']}: {e}") from None
+    load_module_state(up, subdict(tensors, "upsampler"), "upsampler", path)
+    return up.eval(), meta
+
+
+def load_downsampler(name_or_path: str | os.PathLike[str]) -> nn.Module:
+    """The downsampler trained with a checkpoint's upsampler (for reconstruction checks)."""
+    from .downsamplers import create_downsampler
+    path = resolve(name_or_path)
+    tensors, meta = load_checkpoint(path)
+    cfg, bb = dict(meta["downsampler"]), meta["backbone"]
+    down = create_downsampler(cfg.pop("name"), dim=bb["dim"], stride=bb["stride"], **cfg)
+    load_module_state(down, subdict(tensors, "downsampler"), "downsampler", path)
+    return down.eval()
+
+
+def load(name_or_path: str | os.PathLike[str], backbone: str | nn.Module | None = None,
+         device: str | torch.device | None = None) -> UpFeat:
+    """Backbone + trained upsampler, in eval mode.
+
+    Args:
+        name_or_path: a shipped name (:func:`list_pretrained`) or a checkpoint path / run folder.
+        backbone: ``None`` (the checkpoint's, created by name with its saved keywords), a
+            registered name, or a :class:`~upfeat.backbones.Backbone`; must have the
+            checkpoint's dim and stride (else :class:`CheckpointError`).
+        device: where to put the model.
+
+    Example:
+        >>> up = load("vits14_focus_jbu")                         # doctest: +SKIP
+        >>> up(torch.rand(1, 3, 224, 320)).shape                  # doctest: +SKIP
+        torch.Size([1, 384, 224, 320])
+    """
+    up, meta = load_upsampler(name_or_path)
+    if backbone is None:
+        backbone = backbones.create(meta["backbone"]["name"], **meta["backbone"].get("kwargs", {}))
+    elif isinstance(backbone, str):
+        backbone = backbones.create(backbone)
+    check_backbone(meta, backbone, resolve(name_or_path))
+    model = UpFeat(backbone, up, meta).eval()
+    return model.to(device) if device is not None else model

@@ -1,0 +1,105 @@
+"""Everything that defines a training run, as one JSON-serialisable dataclass."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+# Fields that may change when a run is resumed (how it runs, not what it learns).
+RUNTIME_FIELDS = frozenset({"steps", "out", "resume", "devices", "strategy", "accelerator",
+                            "num_nodes", "ckpt_every", "log_every", "progress", "data"})
+
+
+@dataclass
+class TrainConfig:
+    """A multi-view training run (FeatUp's JBU recipe by default).
+
+    Model: ``backbone`` (+ ``backbone_kwargs``, e.g. ``{"layers": -2}``), ``upsampler`` and
+    ``downsampler`` (registered names + keyword arguments). Objective: ``views`` jittered views per
+    image per step, random ``proj_dim`` projection, learned uncertainty, ``crf_weight``/
+    ``tv_weight``/``kernel_weight`` regularisers. Data: ``data`` folders/files of images, random
+    ``image_size`` square crops after resizing the shorter side to ``image_size * resize``.
+    Optimiser: NAdam, ``lr`` with linear ``warmup`` steps then cosine decay to ``lr * min_lr``
+    (``schedule="constant"``: no decay), optional ``grad_clip``. ``batch_size`` is per process.
+    Engine: Lightning Fabric ``accelerator``/``devices``/``strategy``/``num_nodes``/``precision``.
+    """
+
+    data: list[str] = field(default_factory=list)
+    out: str = "runs/jbu"
+    backbone: str = "vits14_focus"
+    backbone_kwargs: dict = field(default_factory=dict)
+    upsampler: str = "jbu_stack"
+    upsampler_kwargs: dict = field(default_factory=dict)
+    downsampler: str = "attention"
+    downsampler_kwargs: dict = field(default_factory=dict)
+    steps: int = 2000
+    batch_size: int = 2
+    views: int = 4
+    image_size: int = 224
+    resize: float = 1.0
+    max_zoom: float = 2.0
+    max_pad: int = 20
+    proj_dim: int | None = 30
+    uncertainty: bool = True
+    crf_weight: float = 0.001
+    tv_weight: float = 0.0
+    kernel_weight: float = 0.0
+    lr: float = 1e-3
+    schedule: str = "cosine"
+    warmup: int = 50
+    min_lr: float = 0.1
+    grad_clip: float | None = None
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    ckpt_every: int = 100
+    log_every: int = 1
+    progress: bool = True
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig: {msg}")
+        for name in ("steps", "batch_size", "views", "image_size", "ckpt_every", "log_every",
+                     "num_nodes"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                 f"{name} must be an int >= 1, got {v!r}")
+        need(isinstance(self.warmup, int) and self.warmup >= 0, f"warmup must be >= 0, got {self.warmup!r}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr!r}")
+        need(0 <= self.min_lr <= 1, f"min_lr is a fraction of lr in [0, 1], got {self.min_lr!r}")
+        need(self.resize >= 1, f"resize must be >= 1, got {self.resize!r}")
+        need(self.schedule in ("cosine", "constant"),
+             f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip!r}")
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        self.data = [str(d) for d in self.data]
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of (0-based) ``step``: linear warm-up, then cosine to ``lr * min_lr``."""
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        if self.schedule == "constant":
+            return self.lr * warm
+        t = min(step / max(self.steps - 1, 1), 1.0)
+        return self.lr * warm * (self.min_lr + (1 - self.min_lr) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown fields {unknown}")
+        return cls(**d)
+
+    def model_differences(self, other: TrainConfig) -> list[str]:
+        """Fields (other than runtime ones) whose values differ, as ``'name: a -> b'``."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k not in RUNTIME_FIELDS and a[k] != b[k]]

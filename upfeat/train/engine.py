@@ -1,0 +1,152 @@
+"""The training loop on Lightning Fabric: one code path for 1 CPU, DDP over processes, GPUs, nodes.
+
+Layout of ``cfg.out``: ``checkpoints/last.safetensors`` (weights + optimiser + step + RNG, written
+atomically every ``ckpt_every`` steps), ``model.safetensors`` + ``model.json`` (the final model for
+:func:`upfeat.load`), ``metrics.csv``, ``loss.png``, ``config.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__, backbones
+from ..checkpoint import CheckpointError, load_checkpoint, load_module_state, save_checkpoint, subdict
+from ..jitter import apply_view, sample_views
+from .config import TrainConfig
+from .data import STEP, TrainImages, derive_seed
+from .log import CsvLog, plot_curve
+from .objective import MultiViewObjective
+from .state import optimizer_from_tensors, optimizer_to_tensors
+
+CKPT = Path("checkpoints") / "last.safetensors"
+RUN_STATS = ("step", "elapsed_s", "world_size")  # in a checkpoint's "train" JSON, not TrainConfig
+
+
+def model_meta(cfg: TrainConfig, backbone, objective: MultiViewObjective, step: int,
+               elapsed: float, world_size: int) -> dict:
+    """The JSON config stored with every checkpoint of this run."""
+    return {"format": "upfeat.model/1", "upfeat_version": __version__,
+            "backbone": {"name": cfg.backbone, "kwargs": cfg.backbone_kwargs,
+                         "dim": backbone.dim, "stride": backbone.stride},
+            "upsampler": objective.upsampler.config(),
+            "downsampler": {"name": cfg.downsampler, **cfg.downsampler_kwargs},
+            "train": {**cfg.to_dict(), "step": step, "elapsed_s": round(elapsed, 1),
+                      "world_size": world_size}}
+
+
+def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, dict | None]:
+    """Check ``cfg.out`` against ``cfg.resume``; returns ``(cfg, tensors, meta)`` of the resume
+    checkpoint (``None`` when starting fresh). Never overwrites an existing run without --resume."""
+    ckpt = Path(cfg.out) / CKPT
+    if not ckpt.is_file():
+        if cfg.resume:
+            print(f"--resume: no checkpoint at {ckpt} yet, starting from step 0")
+        elif (Path(cfg.out) / "model.safetensors").exists():
+            raise FileExistsError(f"{cfg.out} already holds a finished run (model.safetensors); "
+                                  f"choose another --out")
+        return cfg, None, None
+    if not cfg.resume:
+        raise FileExistsError(f"{cfg.out} already has a checkpoint ({ckpt}); pass --resume to "
+                              f"continue it or choose another --out")
+    tensors, meta = load_checkpoint(ckpt)
+    saved = TrainConfig.from_dict({k: v for k, v in meta["train"].items()
+                                   if k not in RUN_STATS})
+    diff = saved.model_differences(cfg)
+    if diff:
+        raise CheckpointError(f"{ckpt} was trained with different settings; resuming would mix "
+                              f"two runs: {'; '.join(diff)}")
+    return cfg, tensors, meta
+
+
+def fit(cfg: TrainConfig) -> Path:
+    """Train ``cfg``; returns the path of the final ``model.safetensors`` (on every rank)."""
+    from lightning.fabric import Fabric
+
+    cfg, tensors, meta = resolve_config(cfg)
+    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+                    num_nodes=cfg.num_nodes, precision=cfg.precision)
+    fabric.launch()
+    out, rank, world = Path(cfg.out), fabric.global_rank, fabric.world_size
+
+    backbone = backbones.create(cfg.backbone, **cfg.backbone_kwargs).requires_grad_(False)
+    backbone = fabric.to_device(backbone.eval())
+    data = TrainImages(cfg.data, max(cfg.image_size, math.ceil(cfg.image_size * cfg.resize)))
+    torch.manual_seed(cfg.seed)  # parameter initialisation
+    objective = MultiViewObjective.from_config(cfg, backbone.dim, backbone.stride)
+    start, elapsed = 0, 0.0
+    if tensors is not None:
+        for name in ("upsampler", "downsampler", "criterion"):
+            load_module_state(getattr(objective, name), subdict(tensors, name), name, out / CKPT)
+        start, elapsed = meta["train"]["step"], meta["train"]["elapsed_s"]
+    optimizer = torch.optim.NAdam(objective.parameters(), lr=cfg.lr)
+    objective, optimizer = fabric.setup(objective, optimizer)
+    if tensors is not None:
+        optimizer_from_tensors(optimizer, tensors, meta["state"]["optimizer"], str(out / CKPT))
+        torch.set_rng_state(tensors["rng.torch"])
+
+    def save(step: int, final: bool = False) -> None:
+        if rank == 0:
+            m = objective.module if hasattr(objective, "module") else objective
+            weights = {f"{n}.{k}": v for n in ("upsampler", "downsampler", "criterion")
+                       for k, v in getattr(m, n).state_dict().items()}
+            info = model_meta(cfg, backbone, m, step, elapsed, world)
+            opt_t, opt_j = optimizer_to_tensors(optimizer)
+            save_checkpoint(out / CKPT, {**weights, **opt_t, "rng.torch": torch.get_rng_state()},
+                            {**info, "state": {"optimizer": opt_j}})
+            if final:
+                save_checkpoint(out / "model.safetensors", weights, info, sidecar=True)
+            plot_curve(out / "metrics.csv", out / "loss.png")
+        fabric.barrier()
+
+    log = CsvLog(out / "metrics.csv", resume_step=start) if rank == 0 else None
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0 or not cfg.progress,
+               desc=f"train {cfg.upsampler} on {cfg.backbone}", dynamic_ncols=True)
+    objective.train()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        seed = derive_seed(cfg.seed, STEP, step, rank)
+        torch.manual_seed(seed)  # dropout etc.: a function of (seed, step, rank), so resumable
+        gen = torch.Generator(device=fabric.device).manual_seed(seed)
+        image = fabric.to_device(data.batch(step, cfg.seed, cfg.batch_size, cfg.image_size, rank,
+                                            world))
+        views = sample_views(cfg.views, torch.Generator().manual_seed(seed), tuple(image.shape[-2:]),
+                             max_zoom=cfg.max_zoom, max_pad=cfg.max_pad)
+        with torch.no_grad():
+            lr_feats = backbone(image)
+            view_images = [apply_view(image, v) for v in views]
+            view_feats = [backbone(x) for x in view_images]
+        lr = cfg.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = objective(image, lr_feats, views, view_images, view_feats, gen)
+        fabric.backward(losses["loss"])
+        if cfg.grad_clip is not None:
+            fabric.clip_gradients(objective, optimizer, max_norm=cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            vals = fabric.all_reduce(torch.stack([losses[k].detach() for k in
+                                                  ("loss", "nll", "crf", "tv", "kernel")]),
+                                     reduce_op="mean").tolist()
+            if not math.isfinite(vals[0]):
+                raise FloatingPointError(f"loss became {vals[0]} at step {step + 1}; lower --lr "
+                                         f"or set --grad-clip; last checkpoint is in {out / CKPT}")
+            if log is not None:
+                log.append({"step": step + 1, **dict(zip(("loss", "nll", "crf", "tv", "kernel"), vals)),
+                            "lr": lr, "sec_per_step": dt, "elapsed_s": elapsed})
+            bar.set_postfix(loss=f"{vals[0]:.4f}", s_per_step=f"{dt:.2f}")
+        bar.update(1)
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+            save(step + 1)
+    bar.close()
+    save(cfg.steps, final=True)
+    return out / "model.safetensors"

@@ -1,0 +1,66 @@
+"""The trainable part of multi-view training: upsampler + downsampler + loss (with its ScaleNet)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..downsamplers import create_downsampler
+from ..jitter import View, apply_view
+from ..losses import MultiViewLoss
+from ..losses.projection import project, random_projection
+from ..upsamplers import create_upsampler
+from .config import TrainConfig
+
+
+class MultiViewObjective(nn.Module):
+    """``forward`` = FeatUp's loss for one batch; this is the module DDP wraps.
+
+    ``F_hr = σ↑(f(x), x)``; for each view ``t``: ``loss(f(t(x)), σ↓(t(F_hr)))`` (see
+    :class:`upfeat.losses.MultiViewLoss`), averaged over views.
+    """
+
+    def __init__(self, upsampler: nn.Module, downsampler: nn.Module, criterion: MultiViewLoss) -> None:
+        super().__init__()
+        self.upsampler, self.downsampler, self.criterion = upsampler, downsampler, criterion
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, dim: int, stride: int) -> MultiViewObjective:
+        up = create_upsampler(cfg.upsampler, dim=dim, stride=stride, **cfg.upsampler_kwargs)
+        down = create_downsampler(cfg.downsampler, dim=dim, stride=stride, **cfg.downsampler_kwargs)
+        crit = MultiViewLoss(dim, proj_dim=cfg.proj_dim, uncertainty=cfg.uncertainty,
+                             tv_weight=cfg.tv_weight, crf_weight=cfg.crf_weight,
+                             kernel_weight=cfg.kernel_weight)
+        return cls(up, down, crit)
+
+    def forward(self, image: torch.Tensor, lr_feats: torch.Tensor, views: list[View],
+                view_images: list[torch.Tensor], view_feats: list[torch.Tensor],
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Mean loss over views.
+
+        Args:
+            image: ``(B, 3, H, W)`` in [0, 1].  lr_feats: ``(B, C, h, w)`` = ``f(image)``.
+            views: jitters; view_images[i] = ``t_i(image)`` ``(B, 3, H, W)``;
+            view_feats[i] = ``f(t_i(image))`` ``(B, C, h, w)``.
+        """
+        hr = self.upsampler(lr_feats, image)
+        crit, p = self.criterion, self.criterion.proj_dim
+        # Project once per step, before warping: P·t(F) = t(P·F) and pooling is per channel, so
+        # every view then warps and pools proj_dim (+ guidance) channels instead of C (12x less
+        # work for C=384; the warp's backward dominated the step otherwise).
+        proj = (None if p is None else
+                random_projection(crit.dim, p, generator, device=hr.device, dtype=hr.dtype))
+        maps = [hr if proj is None else project(hr, proj)]
+        guide = self.downsampler.guidance(hr) if proj is not None else None
+        if guide is not None:
+            maps.append(guide)
+        z, c = torch.cat(maps, 1), maps[0].shape[1]
+        crf = crit.crf_weight > 0
+        total: dict[str, torch.Tensor] = {}
+        for view, x_v, f_v in zip(views, view_images, view_feats, strict=True):
+            z_v = apply_view(z, view, out_size=tuple(x_v.shape[-2:]))
+            out = crit(f_v, z_v[:, :c], self.downsampler, generator, image=x_v if crf else None,
+                       projection=proj, hr_projected=proj is not None,
+                       guidance=z_v[:, c:] if guide is not None else None)
+            for k in ("loss", "nll", "crf", "tv", "kernel"):
+                total[k] = total.get(k, 0) + out[k] / len(views)
+        return total
