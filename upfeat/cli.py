@@ -84,5 +84,26 @@ def train(
     typer.echo(f"model: {path}")
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the demo on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MB (larger: HTTP 413).")] = 20.0,
+    max_side: Annotated[int, typer.Option(help="Images are downscaled to this longer side (pixels) before inference.")] = 640,
+    open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open the page in a web browser.")] = False,
+) -> None:
+    """Local web demo: upload an image, see its low-res and upsampled features side by side."""
+    from .serve import serve as run_server
+
+    try:
+        run_server(host, port, max_upload_mb, max_side, open_browser, echo=typer.echo)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as e:  # port taken, address not on this machine, no permission
+        typer.echo(f"error: cannot listen on {host}:{port}: {e.strerror or e}", err=True)
+        raise typer.Exit(2) from None
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="upfeat")

@@ -140,3 +140,37 @@ def load(name_or_path: str | os.PathLike[str], backbone: str | nn.Module | None 
     check_backbone(meta, backbone, resolve(name_or_path))
     model = UpFeat(backbone, up, meta).eval()
     return model.to(device) if device is not None else model
+
+
+def create_model(backbone: str | nn.Module = "vits14_focus", upsampler: str = "jbu",
+                 device: str | torch.device | None = None) -> UpFeat:
+    """Backbone + upsampler from names, the way the CLI and demos pick them.
+
+    Args:
+        backbone: registered name / ``timm:<name>`` / a :class:`~upfeat.backbones.Backbone`.
+        upsampler: a parameter-free upsampler (``nearest``, ``bilinear``, ``bicubic``); ``jbu``
+            (the shipped checkpoint ``<backbone>_jbu``, e.g. ``vits14_focus_jbu``); a shipped
+            name; or a checkpoint path / run folder.
+    """
+    from .upsamplers import list_upsamplers
+    if isinstance(backbone, str):
+        bb_name, bb = backbone, None
+    else:
+        bb_name, bb = getattr(getattr(backbone, "cfg", None), "name", None), backbone
+    if upsampler in ("nearest", "bilinear", "bicubic"):
+        bb = backbones.create(bb_name) if bb is None else bb
+        model = UpFeat(bb, create_upsampler(upsampler, dim=bb.dim, stride=bb.stride)).eval()
+    elif upsampler in list_upsamplers():
+        raise CheckpointError(f"upsampler {upsampler!r} has learned weights: pass a checkpoint "
+                              f"(path or shipped name: {', '.join(list_pretrained())}) or 'jbu', "
+                              f"or train one with `upfeat train --upsampler {upsampler}`")
+    else:
+        if upsampler == "jbu":
+            upsampler = f"{bb_name}_jbu"
+            if upsampler not in PRETRAINED:
+                raise CheckpointError(f"no shipped JBU checkpoint for backbone {bb_name!r} (shipped: "
+                                      f"{', '.join(list_pretrained())}); train one with "
+                                      f"`upfeat train --backbone {bb_name} --data DIR` and pass "
+                                      f"its folder")
+        model = load(upsampler, backbone=bb if bb is not None else bb_name)
+    return model.to(device) if device is not None else model
