@@ -25,6 +25,39 @@ def test_matches_featup_formulation(backend, dtype, shape, k):
         assert (w >= 0).all()
 
 
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,k", [((2, 8, 9, 13), 3), ((1, 3, 12, 40), 7), ((1, 4, 2, 3), 7)])
+def test_distance_kernel_matches_literal_formulation(backend, dtype, shape, k):
+    """range_kernel="distance": the local_dot trick equals exp(-t |g_p - g_q|²/2) x spatial."""
+    g = torch.rand(*shape, dtype=dtype)
+    for temp, sigma in [(1.0, 1.0), (50.0, 0.5), (0.1, 3.0)]:
+        w = jbu_kernel(g, temp, sigma, k=k, backend=backend, range_kernel="distance")
+        ref = jbu_kernel_reference(g, temp, sigma, k=k, range_kernel="distance")
+        torch.testing.assert_close(w, ref, rtol=1e-5, atol=1e-6)
+    # known answer at one pixel, written out by hand from the definition
+    r, (i, j) = k // 2, (shape[2] // 2, shape[3] // 2)
+    pad = torch.nn.functional.pad(g, [r] * 4, mode="reflect" if min(shape[2:]) > r else "replicate")
+    win = pad[0, :, i:i + k, j:j + k]
+    d2 = (torch.arange(k, dtype=dtype) - r) ** 2
+    spatial = torch.exp(-(d2[:, None] + d2[None, :]) / r**2 / (2 * 0.5**2))
+    expect = torch.exp(-50.0 * (win - g[0, :, i, j, None, None]).pow(2).sum(0) / 2) * spatial
+    w = jbu_kernel(g, 50.0, 0.5, k=k, backend=backend, range_kernel="distance")
+    torch.testing.assert_close(w[0, i, j], expect / expect.sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_distance_kernel_ignores_brightness_unlike_dot():
+    """On a dark pixel next to a bright region, the dot kernel leaks toward the bright side (a
+    larger |g_q| raises <g_p, g_q>); the distance kernel keeps the weight on the pixel's side."""
+    g = torch.full((1, 3, 10, 10), 0.2)
+    g[:, :, :, 5:] = 0.9
+    wd = jbu_kernel(g, 30.0, 1.0, k=7, range_kernel="distance")
+    wp = jbu_kernel(g, 30.0, 1.0, k=7, range_kernel="dot")
+    assert wd[0, 5, 4, :, :4].sum() > 0.95 > wp[0, 5, 4, :, :4].sum()
+    with pytest.raises(ValueError, match="range_kernel"):
+        jbu_kernel(g, 1.0, 1.0, range_kernel="cosine")
+
+
 def test_constant_guidance_gives_the_spatial_gaussian():
     """Known answer: with flat guidance the range kernel is uniform, so w = normalised Gaussian."""
     w = jbu_kernel(torch.ones(1, 3, 8, 8), 2.0, 0.7, k=5)
@@ -55,6 +88,8 @@ def test_gradcheck(backend):
     g2 = torch.randn(1, 4, 4, 37, dtype=torch.float64, requires_grad=True)
     fn7 = lambda a, t, s: jbu_kernel(a, t, s, k=7, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn7, (g2, temp, sigma), fast_mode=True)
+    fnd = lambda a, t, s: jbu_kernel(a, t, s, k=3, backend=backend, range_kernel="distance")  # noqa: E731
+    assert torch.autograd.gradcheck(fnd, (g, temp, sigma))
 
 
 def test_never_materialises_guidance_times_taps():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from upfeat._checks import ShapeError
-from upfeat.ops import spatial_log_kernel
+from upfeat.ops import jbu_kernel_reference, spatial_log_kernel
 from upfeat.upsamplers import JBULayer, JBUStack, create_upsampler, list_upsamplers
 
 NAMES = list_upsamplers()
@@ -88,8 +88,14 @@ def _jbu_reference(layer: JBULayer, feats: torch.Tensor, guidance: torch.Tensor)
     guidance = F.adaptive_avg_pool2d(guidance, (H, W))
     up = F.pad(F.interpolate(feats, (H, W), mode="bicubic", align_corners=False), [r] * 4, mode="reflect")
     q = layer.range_proj(guidance)
+    if layer.range_kernel == "distance":  # the colour itself plus learned range features
+        q = torch.cat([guidance, q], 1)
     keys = F.unfold(F.pad(q, [r] * 4, mode="reflect"), k).view(B, q.shape[1], k * k, H, W)
-    rng = torch.softmax(layer.temperature() * torch.einsum("bdphw,bdhw->bphw", keys, q), dim=1)
+    if layer.range_kernel == "distance":
+        logits = -0.5 * (keys - q[:, :, None]).pow(2).sum(1)
+    else:
+        logits = torch.einsum("bdphw,bdhw->bphw", keys, q)
+    rng = torch.softmax(layer.temperature() * logits, dim=1)
     spatial = spatial_log_kernel(k, layer.sigma()).exp().view(1, k * k, 1, 1)
     kern = rng * spatial
     kern = kern / kern.sum(1, keepdim=True).clamp_min(1e-7)
@@ -100,15 +106,34 @@ def _jbu_reference(layer: JBULayer, feats: torch.Tensor, guidance: torch.Tensor)
     return torch.einsum("bcphw,bphw->bchw", patches, kern)
 
 
-@pytest.mark.parametrize("fixup", ["zero_sum", "featup", "none"])
-def test_jbu_layer_matches_reference(fixup):
+@pytest.mark.parametrize("fixup,range_kernel", [("zero_sum", "dot"), ("featup", "dot"),
+                                                ("none", "dot"), ("zero_sum", "distance")])
+def test_jbu_layer_matches_reference(fixup, range_kernel):
     torch.manual_seed(0)
-    layer = JBULayer(16, kernel_fixup=fixup).eval()
+    layer = JBULayer(16, kernel_fixup=fixup, range_kernel=range_kernel).eval()
     with torch.no_grad():
+        if range_kernel == "distance":  # trained-like state: non-zero learned range features;
+            layer.range_proj[-1].weight.normal_()  # float64: |g|² - 2<g,g'> cancels in float32
+            layer.double()
         layer.range_temp.fill_(0.7)
         layer.sigma_spatial.fill_(0.8)
-        feats, img = torch.randn(2, 16, 9, 13), torch.rand(2, 3, 36, 52)
+        dt = layer.range_temp.dtype
+        feats, img = torch.randn(2, 16, 9, 13, dtype=dt), torch.rand(2, 3, 36, 52, dtype=dt)
         torch.testing.assert_close(layer(feats, img), _jbu_reference(layer, feats, img), rtol=1e-5, atol=1e-5)
+
+
+def test_distance_jbu_starts_as_colour_bilateral_filter():
+    """Known answer at init: with the learned range features zero, a distance-kernel layer is the
+    classic bilateral filter exp(-t|c_p - c_q|²/2) x spatial Gaussian over the RGB guidance."""
+    torch.manual_seed(0)
+    layer = JBULayer(4, range_kernel="distance", temperature=100.0, sigma=0.5,
+                     kernel_fixup="none").eval()
+    img = torch.rand(1, 3, 10, 12)
+    w = layer.kernel(img)
+    expect = jbu_kernel_reference(img, 100.0, 0.5, k=7, range_kernel="distance")
+    torch.testing.assert_close(w, expect, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="range_kernel"):
+        JBULayer(4, range_kernel="gaussian")
 
 
 def test_gradients_reach_every_parameter():

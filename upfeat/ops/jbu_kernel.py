@@ -2,6 +2,9 @@
 Gaussian, normalised over each pixel's k x k window.
 
 ``w[b,i,j,u,v] ∝ softmax_{u,v}(temperature * <g[b,:,i,j], g_pad[b,:,i+u,j+v]>) * exp(-d²/(2σ²))``
+(FeatUp's dot-product range kernel) or, with ``range_kernel="distance"``, the classic bilateral
+range kernel ``exp(-temperature * ||g_p - g_q||² / 2)``, which unlike the dot product does not
+favour neighbours with a large ``||g_q||`` (bright pixels, for a colour-like guidance).
 
 with ``d`` the offset (u-r, v-r) / r (window coordinates in [-1, 1], as in FeatUp, so σ=1 means
 "about the window's radius"). Because ``softmax(l) * s / Σ softmax(l) * s == softmax(l + log s)``,
@@ -41,7 +44,12 @@ def _pad(g: torch.Tensor, r: int) -> torch.Tensor:
     return F.pad(g, [r, r, r, r], mode=mode)
 
 
-def _check(guidance: torch.Tensor, k: int, temperature, sigma) -> None:
+RANGE_KERNELS = ("dot", "distance")
+
+
+def _check(guidance: torch.Tensor, k: int, temperature, sigma, range_kernel: str = "dot") -> None:
+    if range_kernel not in RANGE_KERNELS:
+        raise ValueError(f"range_kernel must be one of {RANGE_KERNELS}, got {range_kernel!r}")
     check_shape(guidance, ["B", "D", "H", "W"], "guidance")
     check_floating(guidance, "guidance")
     if k < 1 or k % 2 == 0:
@@ -60,6 +68,7 @@ def jbu_kernel(
     sigma: torch.Tensor | float,
     k: int = 7,
     backend: str | None = None,
+    range_kernel: str = "dot",
 ) -> torch.Tensor:
     """Normalised JBU weights for every pixel of ``guidance``.
 
@@ -69,6 +78,7 @@ def jbu_kernel(
         sigma: positive scalar, spatial Gaussian width in window units.
         k: odd window size.
         backend: backend of :func:`~upfeat.ops.local_dot`.
+        range_kernel: ``"dot"`` (FeatUp) or ``"distance"`` (``-||g_p - g_q||² / 2`` logits).
 
     Returns:
         (B, H, W, k, k) weights summing to 1 over the last two dims; a view of a tap-major
@@ -79,9 +89,15 @@ def jbu_kernel(
         >>> w.shape, torch.allclose(w.sum((-1, -2)), torch.ones(2, 5, 6))
         (torch.Size([2, 5, 6, 3, 3]), True)
     """
-    _check(guidance, k, temperature, sigma)
+    _check(guidance, k, temperature, sigma, range_kernel)
     B, _, H, W = guidance.shape
-    logits = local_dot(guidance, _pad(guidance, k // 2), backend=backend)
+    query, keys = guidance, guidance
+    if range_kernel == "distance":
+        # -|g_p - g_q|²/2 = <g_p, g_q> - |g_q|²/2 - |g_p|²/2, and the last term is constant over
+        # the window (cancels in the softmax): one local_dot of [g, 1] with [g, -|g_q|²/2].
+        query = torch.cat([guidance, torch.ones_like(guidance[:, :1])], dim=1)
+        keys = torch.cat([guidance, -0.5 * guidance.pow(2).sum(1, keepdim=True)], dim=1)
+    logits = local_dot(query, _pad(keys, k // 2), backend=backend)
     tm = logits.permute(0, 3, 4, 1, 2).reshape(B, k * k, H, W)  # free for the cpp backend
     temperature = torch.as_tensor(temperature, device=tm.device, dtype=tm.dtype)
     log_s = spatial_log_kernel(k, sigma, device=tm.device, dtype=tm.dtype)
@@ -90,14 +106,20 @@ def jbu_kernel(
 
 
 def jbu_kernel_reference(
-    guidance: torch.Tensor, temperature: torch.Tensor | float, sigma: torch.Tensor | float, k: int = 7
+    guidance: torch.Tensor, temperature: torch.Tensor | float, sigma: torch.Tensor | float, k: int = 7,
+    range_kernel: str = "dot",
 ) -> torch.Tensor:
     """FeatUp's formulation, literally: softmax range kernel x spatial kernel, renormalised.
 
     Materialises (B, D, k*k, H, W); for tests only. Same contract as :func:`jbu_kernel`.
     """
-    _check(guidance, k, temperature, sigma)
-    logits = local_dot_reference(guidance, _pad(guidance, k // 2))
+    _check(guidance, k, temperature, sigma, range_kernel)
+    if range_kernel == "distance":  # literally -|g_p - g_q|² / 2 over the unfolded window
+        B, D, H, W = guidance.shape
+        cols = F.unfold(_pad(guidance, k // 2), k).view(B, D, k * k, H, W)
+        logits = -0.5 * (cols - guidance[:, :, None]).pow(2).sum(1).permute(0, 2, 3, 1)
+    else:
+        logits = local_dot_reference(guidance, _pad(guidance, k // 2))
     B, H, W = logits.shape[:3]
     rng = torch.softmax(torch.as_tensor(temperature) * logits.reshape(B, H, W, k * k), dim=-1)
     spatial = spatial_log_kernel(k, sigma, device=logits.device, dtype=logits.dtype).exp()

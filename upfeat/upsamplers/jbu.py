@@ -17,6 +17,7 @@ from torch import nn
 
 from .._checks import ShapeError, check_floating, check_shape
 from ..ops import adaptive_conv, jbu_kernel
+from ..ops.jbu_kernel import RANGE_KERNELS
 from ._registry import register_upsampler
 from .base import Upsampler, check_size, resize_area
 
@@ -79,6 +80,11 @@ class JBULayer(nn.Module):
             (kernel sums drift from 1); ``"none"``: no fixup.  ``fix`` is a 1x1-conv MLP of
             (kernel taps, guidance).
         dropout: Dropout2d rate inside the range projection and the fixup (FeatUp: 0.1).
+        range_kernel: ``"dot"`` (FeatUp: ``softmax(t·<g_p, g_q>)`` over ``g = proj(guidance)``)
+            or ``"distance"``: ``exp(-t·|g_p - g_q|²/2)`` over ``g = [guidance, proj(guidance)]``
+            with the projection's last layer zero-initialised, so the layer starts as a classic
+            colour bilateral filter (edge-aware from step 0) and learns extra range features.
+        temperature, sigma: initial range temperature ``t`` and spatial width (window units).
 
     Shape:
         feats (B, C, h, w), guidance (B, guidance_dim, *, *) -> (B, C, H', W') with
@@ -86,19 +92,29 @@ class JBULayer(nn.Module):
     """
 
     def __init__(self, dim: int, guidance_dim: int = 3, range_dim: int = 32, radius: int = 3,
-                 kernel_fixup: str = "zero_sum", dropout: float = 0.1) -> None:
+                 kernel_fixup: str = "zero_sum", dropout: float = 0.1, range_kernel: str = "dot",
+                 temperature: float = 1.0, sigma: float = 1.0) -> None:
         super().__init__()
+        if range_kernel not in RANGE_KERNELS:
+            raise ValueError(f"range_kernel must be one of {RANGE_KERNELS}, got {range_kernel!r}")
+        if not (temperature > 0 and sigma > 0):
+            raise ValueError(f"temperature and sigma must be > 0, got {temperature!r}, {sigma!r}")
         if kernel_fixup not in FIXUPS:
             raise ValueError(f"kernel_fixup must be one of {FIXUPS}, got {kernel_fixup!r}")
         if not (isinstance(radius, int) and radius >= 1):
             raise ValueError(f"radius must be a positive int, got {radius!r}")
         self.dim, self.guidance_dim, self.radius, self.fixup_mode = dim, guidance_dim, radius, kernel_fixup
+        self.range_kernel = range_kernel
         self.k = 2 * radius + 1
         k2 = self.k**2
         self.range_proj = nn.Sequential(Conv1x1(guidance_dim, range_dim), nn.GELU(),
                                         nn.Dropout2d(dropout), Conv1x1(range_dim, range_dim))
-        self.range_temp = nn.Parameter(torch.tensor(0.0))  # log temperature: exp keeps it positive
-        self.sigma_spatial = nn.Parameter(torch.tensor(1.0))  # window units: 1 = the radius
+        if range_kernel == "distance":
+            nn.init.zeros_(self.range_proj[-1].weight)
+            nn.init.zeros_(self.range_proj[-1].bias)
+        # log temperature: exp keeps it positive
+        self.range_temp = nn.Parameter(torch.tensor(math.log(temperature)))
+        self.sigma_spatial = nn.Parameter(torch.tensor(float(sigma)))  # window units: 1 = the radius
         self.kernel_fixup = None if kernel_fixup == "none" else nn.Sequential(
             Conv1x1(guidance_dim + k2, k2), nn.GELU(), nn.Dropout2d(dropout), Conv1x1(k2, k2))
 
@@ -110,12 +126,18 @@ class JBULayer(nn.Module):
         """Spatial width; the sign is irrelevant (σ² is used), the floor avoids 0/0 at σ = 0."""
         return self.sigma_spatial.abs().clamp_min(1e-2)
 
+    def range_features(self, guidance: torch.Tensor) -> torch.Tensor:
+        """``g`` of the range kernel: ``(B, range_dim[+guidance_dim], H, W)``."""
+        g = self.range_proj(guidance)
+        return torch.cat([guidance.to(g.dtype), g], 1) if self.range_kernel == "distance" else g
+
     def kernel(self, guidance: torch.Tensor) -> torch.Tensor:
         """Per-pixel weights ``(B, H, W, k, k)`` for guidance ``(B, guidance_dim, H, W)``.
 
         A tap-major view, which :func:`~upfeat.ops.adaptive_conv` reads without a copy.
         """
-        w = jbu_kernel(self.range_proj(guidance), self.temperature(), self.sigma(), k=self.k)
+        w = jbu_kernel(self.range_features(guidance), self.temperature(), self.sigma(), k=self.k,
+                       range_kernel=self.range_kernel)
         if self.kernel_fixup is None:
             return w
         B, H, W, k, _ = w.shape
@@ -139,7 +161,8 @@ class JBULayer(nn.Module):
         return adaptive_conv(up, self.kernel(resize_area(guidance, size)))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, radius={self.radius}, kernel_fixup={self.fixup_mode!r}"
+        return (f"dim={self.dim}, radius={self.radius}, kernel_fixup={self.fixup_mode!r}, "
+                f"range_kernel={self.range_kernel!r}")
 
 
 @register_upsampler("jbu_stack")
@@ -154,7 +177,8 @@ class JBUStack(Upsampler):
 
     Args:
         dim: feature channels.  stride: backbone stride.  range_dim, radius, kernel_fixup,
-        dropout: see :class:`JBULayer`.  residual_dropout: Dropout2d before the final 1x1 conv.
+        dropout, range_kernel, temperature, sigma: see :class:`JBULayer`.
+        residual_dropout: Dropout2d before the final 1x1 conv.
         last_step: ``"jbu"`` or ``"resize"`` (see above).
 
     Shape:
@@ -163,15 +187,18 @@ class JBUStack(Upsampler):
 
     def __init__(self, dim: int, stride: int, range_dim: int = 32, radius: int = 3,
                  kernel_fixup: str = "zero_sum", dropout: float = 0.1,
-                 residual_dropout: float = 0.2, last_step: str = "jbu") -> None:
+                 residual_dropout: float = 0.2, last_step: str = "jbu", range_kernel: str = "dot",
+                 temperature: float = 1.0, sigma: float = 1.0) -> None:
         super().__init__(dim, stride, range_dim=range_dim, radius=radius, kernel_fixup=kernel_fixup,
-                         dropout=dropout, residual_dropout=residual_dropout, last_step=last_step)
+                         dropout=dropout, residual_dropout=residual_dropout, last_step=last_step,
+                         range_kernel=range_kernel, temperature=temperature, sigma=sigma)
         if last_step not in ("jbu", "resize"):
             raise ValueError(f"last_step must be 'jbu' or 'resize', got {last_step!r}")
         self.last_step = last_step
         n = max(1, math.ceil(math.log2(stride)))
-        self.layers = nn.ModuleList(JBULayer(dim, 3, range_dim, radius, kernel_fixup, dropout)
-                                    for _ in range(n))
+        self.layers = nn.ModuleList(
+            JBULayer(dim, 3, range_dim, radius, kernel_fixup, dropout, range_kernel, temperature, sigma)
+            for _ in range(n))
         self.residual = nn.Sequential(nn.Dropout2d(residual_dropout), nn.Conv2d(dim, dim, 1))
 
     def forward(self, feats: torch.Tensor, image: torch.Tensor,
