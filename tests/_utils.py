@@ -18,3 +18,19 @@ class MaxNumel(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.max = max(self.max, t.numel())
         return out
+
+
+def save_untrained_model(path, range_dim: int = 8):
+    """Write an upfeat model checkpoint for ``vits14_focus`` + an untrained, randomly perturbed
+    JBU stack (what ``upfeat train`` exports, without the training); returns the path."""
+    from upfeat.checkpoint import save_checkpoint
+    from upfeat.upsamplers import create_upsampler
+
+    gen = torch.Generator().manual_seed(0)
+    up = create_upsampler("jbu_stack", dim=384, stride=14, range_dim=range_dim)
+    state = {k: v + 0.1 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+             for k, v in up.state_dict().items()}
+    return save_checkpoint(path, {f"upsampler.{k}": v for k, v in state.items()},
+                           {"upsampler": up.config(),
+                            "backbone": {"name": "vits14_focus", "dim": 384, "stride": 14}},
+                           sidecar=True)

@@ -105,5 +105,84 @@ def serve(
         raise typer.Exit(2) from None
 
 
+@app.command()
+def upsample(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Output folder: <relative path>.<format> per image.")],
+    backbone: Annotated[str, typer.Option(help="Registered backbone name or timm:<name>.")] = "vits14_focus",
+    backbone_args: Annotated[Optional[str], typer.Option(help="JSON keywords for the backbone, e.g. '{\"layers\": -2}'.")] = None,
+    upsampler: Annotated[str, typer.Option(help="jbu (the shipped <backbone>_jbu), nearest, bilinear, bicubic, or a checkpoint path / run folder.")] = "jbu",
+    format: Annotated[str, typer.Option("--format", help="safetensors (tensor 'features' + metadata) or npy (+ a .json sidecar).")] = "safetensors",
+    viz: Annotated[bool, typer.Option("--viz", help="Also write <name>.pca.png: image | low-res | upsampled (PCA).")] = False,
+    size: Annotated[Optional[tuple[int, int]], typer.Option(help="Resize every image to H W first.", show_default=False)] = None,
+    max_side: Annotated[Optional[int], typer.Option(help="Shrink images whose longer side exceeds N pixels (aspect kept).")] = None,
+    dtype: Annotated[str, typer.Option(help="Stored dtype: float32 or float16 (compute is float32).")] = "float32",
+    max_memory: Annotated[str, typer.Option(help="Memory budget per process (4GB, 512MB, 50% of available RAM); larger images are tiled.")] = "4GB",
+    tile: Annotated[Optional[int], typer.Option(help="Force tiles of N pixels (a multiple of the stride) instead of choosing from --max-memory.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute outputs that already exist (default: skip them).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    accelerator: Annotated[str, typer.Option(help="cpu, cuda, auto.")] = "auto",
+    devices: Annotated[int, typer.Option(help="Processes/GPUs per node; each takes every N-th image.")] = 1,
+    strategy: Annotated[str, typer.Option(help="auto (one process) or ddp.")] = "auto",
+    num_nodes: Annotated[int, typer.Option(help="Nodes (multi-node DDP).")] = 1,
+) -> None:
+    """Write full-resolution features of images (any size; tiled when over --max-memory).
+
+    Exit code 0: every image written or already done.
+
+    Exit code 1: some files failed; each is reported on one line at the end, the others are written.
+
+    Exit code 2: usage or setup error (missing input, unknown backbone, bad option), nothing run.
+    """
+    from .checkpoint import CheckpointError
+    from .infer import UpsampleConfig, run
+
+    try:
+        cfg = UpsampleConfig(
+            inputs=tuple(str(p) for p in inputs), out=str(out), backbone=backbone,
+            backbone_kwargs=_json_dict(backbone_args, "--backbone-args") or {},
+            upsampler=upsampler, format=format, viz=viz, size=size, max_side=max_side,
+            dtype=dtype, max_memory=max_memory, tile=tile, overwrite=overwrite,
+            progress=progress, accelerator=accelerator, devices=devices, strategy=strategy,
+            num_nodes=num_nodes)
+        summary = run(cfg)
+    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
+        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
+        raise typer.Exit(2) from None
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return  # rank 0 reports; a non-zero exit here would make Fabric kill the others
+    typer.echo(summary.line(str(out)))
+    for line in summary.failed:
+        typer.echo(f"failed: {line}", err=True)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("demo.png"),
+    images: Annotated[Optional[Path], typer.Option(help="Image file or folder (default: the sample photos in ../shared/data/samples beside the clone).", show_default=False)] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Trained model (run folder or .safetensors from `upfeat train`) instead of the shipped vits14_focus_jbu.", show_default=False)] = None,
+    max_side: Annotated[int, typer.Option(help="Shrink photos to this longer side (pixels) first.")] = 448,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Offline demo: one PNG, a row per photo: image | low-res | bilinear | JBU (PCA colours)."""
+    from .checkpoint import CheckpointError
+    from .figure import demo_figure
+
+    try:
+        fig = demo_figure(out, images, checkpoint, max_side, progress, note=typer.echo)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
+        raise typer.Exit(2) from None
+    for line in fig.skipped:
+        typer.echo(f"skipped: {line}", err=True)
+    typer.echo(f"wrote {fig.path} ({len(fig.photos)} photo(s))")
+
+
+
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="upfeat")

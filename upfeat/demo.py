@@ -22,7 +22,7 @@ from PIL import Image
 
 from .io import ImageReadError, load_image, to_tensor
 from .model import UpFeat, create_model, list_pretrained, resolve
-from .viz import fit_pca, pca_rgb
+from .viz import pca_panels
 
 __all__ = ["Demo", "DemoError", "DemoSettings", "offline_backbones", "upsampler_choices"]
 
@@ -148,11 +148,9 @@ class Demo:
             stamps.append(time.perf_counter())
             high = model.upsampler(low, x, None)
             stamps.append(time.perf_counter())
-            basis, s, (h, w) = fit_pca(low), model.stride, x.shape[-2:]
-            low_rgb = pca_rgb(low, basis)[0].repeat_interleave(s, 1).repeat_interleave(s, 2)
-            high_rgb = pca_rgb(high, basis)[0]
+            (h, w), panels = x.shape[-2:], pca_panels(x[0], low[0], [high[0]], model.stride)
             del high
-            urls = [_png_data_url(t) for t in (x[0], low_rgb[:, :h, :w], high_rgb)]
+            urls = [_png_data_url(t) for t in panels]
             stamps.append(time.perf_counter())
         ms = [1000 * (b - a) for a, b in zip(stamps, stamps[1:])]
         return {"image": urls[0], "lowres": urls[1], "upsampled": urls[2], "size": [w, h],

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import backbones
 from .checkpoint import CheckpointError, load_checkpoint, load_module_state, subdict
+from .io import ImageLike, to_tensor
 from .upsamplers import Upsampler, create_upsampler
 
 _WEIGHTS = Path(__file__).parent / "weights"
@@ -29,6 +30,9 @@ def list_pretrained() -> list[str]:
 
 class UpFeat(nn.Module):
     """Frozen backbone + upsampler: images ``(B, 3, H, W)`` in [0, 1] -> ``(B, dim, H, W)``.
+
+    Calling it also accepts PIL images and numpy arrays; :meth:`upsample` adds inference mode
+    and tiling for images too large for one pass.
 
     Attributes: ``backbone`` (:class:`upfeat.backbones.Backbone`), ``upsampler``
     (:class:`upfeat.upsamplers.Upsampler`), ``config`` (the checkpoint's JSON, or ``{}``).
@@ -50,13 +54,52 @@ class UpFeat(nn.Module):
     def stride(self) -> int:
         return self.backbone.stride
 
-    def lowres(self, img: torch.Tensor) -> torch.Tensor:
-        """Backbone features ``(B, dim, ceil(H/s), ceil(W/s))``."""
-        return self.backbone(img)
+    def as_input(self, img: torch.Tensor | ImageLike) -> torch.Tensor:
+        """Float ``(B, C, H, W)`` tensors unchanged; anything else :func:`upfeat.io.to_tensor`
+        accepts (PIL image, numpy array, ``(3, H, W)`` or uint8 tensor, a list of them) ->
+        ``(B, 3, H, W)`` on the model's device and float dtype."""
+        if isinstance(img, torch.Tensor) and img.ndim == 4 and img.is_floating_point():
+            return img
+        x = to_tensor(img)
+        ref = next((t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()),
+                   None)
+        return x if ref is None else x.to(ref.device, ref.dtype)
 
-    def forward(self, img: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """``(B, 3, H, W)`` RGB in [0, 1] -> ``(B, dim, H', W')``, ``(H', W') = output_size or (H, W)``."""
+    def lowres(self, img: torch.Tensor | ImageLike) -> torch.Tensor:
+        """Backbone features ``(B, dim, ceil(H/s), ceil(W/s))``."""
+        return self.backbone(self.as_input(img))
+
+    def forward(self, img: torch.Tensor | ImageLike,
+                output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``(B, 3, H, W)`` RGB in [0, 1] -> ``(B, dim, H', W')``, ``(H', W') = output_size or
+        (H, W)``.
+
+        ``img`` may also be a PIL image, a numpy array ``(H, W[, 1|3|4])``, a ``(3, H, W)`` or
+        uint8 tensor, or a list of them (see :func:`upfeat.io.to_tensor`); float ``(B, C, H, W)``
+        tensors are used as given (on their device, in the autograd graph).
+        """
+        img = self.as_input(img)
         return self.upsampler(self.lowres(img), img, output_size)
+
+    @torch.inference_mode()
+    def upsample(self, img: torch.Tensor | ImageLike, max_memory: int | str = "4GB",
+                 tile: int | None = None) -> torch.Tensor:
+        """Inference on any image size: ``(B, dim, H, W)`` float32, tiled when one pass would need
+        more than ``max_memory`` (bytes or ``'4GB'``; see :mod:`upfeat.memory`) or when ``tile``
+        (upsampler tile side in pixels, a multiple of the stride) is given. The backbone still
+        runs in one pass when that fits; see :mod:`upfeat.tiling`.
+
+        Example:
+            >>> up = create_model("vits14_focus", "bilinear")             # doctest: +SKIP
+            >>> up.upsample(Image.open("photo.jpg"), max_memory="1GB").shape  # doctest: +SKIP
+            torch.Size([1, 384, 480, 640])
+        """
+        from .memory import parse_bytes, plan_memory
+        from .tiling import upsample_tiled
+        x = self.as_input(img)
+        budget = parse_bytes(max_memory, "max_memory")
+        mem = plan_memory(self, tuple(x.shape[-2:]), budget, tile=tile)
+        return upsample_tiled(self, x, mem.plan, mem.backbone_plan)[0] if mem.is_tiled else self(x)
 
 
 def resolve(name_or_path: str | os.PathLike[str]) -> Path:
@@ -93,6 +136,10 @@ def check_backbone(meta: dict, backbone: nn.Module, source: object) -> None:
 def load_upsampler(name_or_path: str | os.PathLike[str]) -> tuple[Upsampler, dict]:
     """The trained upsampler of a checkpoint and the checkpoint's JSON config."""
     path = resolve(name_or_path)
+    if name_or_path in PRETRAINED and not path.is_file():
+        raise CheckpointError(f"the shipped checkpoint {name_or_path!r} is not in this install "
+                              f"({path} is missing); train one with `upfeat train` and load its "
+                              f"run folder or model.safetensors instead")
     tensors, meta = load_checkpoint(path)
     if "upsampler" not in meta or "backbone" not in meta:
         raise CheckpointError(f"{path}: not an upfeat model checkpoint (no upsampler/backbone "

@@ -1,13 +1,14 @@
-"""Visualisation helpers: PCA of feature maps as RGB, and PNG grids.
+"""Visualisation helpers: PCA of feature maps as RGB, side-by-side panels, and PNG grids.
 
 Functions over tensors; matplotlib is imported inside :func:`save_grid` only, so importing upfeat
-never needs it.
+never needs it (:func:`save_row` writes with Pillow).
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 
@@ -37,10 +38,6 @@ def _as_batch(feats: torch.Tensor, name: str = "feats") -> torch.Tensor:
     return feats if feats.ndim == 4 else feats[None]
 
 
-def _project(x: torch.Tensor, basis: PcaBasis) -> torch.Tensor:
-    return (x - basis.mean) @ basis.components.T
-
-
 def fit_pca(feats: torch.Tensor, max_samples: int = 200_000) -> PcaBasis:
     """Fit a PCA basis on all pixels of ``feats`` ``(B, C, h, w)`` or ``(C, h, w)`` jointly.
 
@@ -51,8 +48,9 @@ def fit_pca(feats: torch.Tensor, max_samples: int = 200_000) -> PcaBasis:
     f = _as_batch(feats)
     if f.shape[1] < 3:
         raise ShapeError(f"feats needs at least 3 channels for an RGB PCA, got {f.shape[1]}")
-    x = f.detach().double().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-    x = x[:: max(1, x.shape[0] // max_samples)]
+    B, C, h, w = f.shape
+    idx = torch.arange(0, B * h * w, max(1, B * h * w // max_samples), device=f.device)
+    x = f.detach().flatten(2)[idx // (h * w), :, idx % (h * w)].double()  # (n, C), no full copy
     mean = x.mean(0)
     xc = x - mean
     _, vecs = torch.linalg.eigh(xc.T @ xc / max(1, xc.shape[0] - 1))
@@ -83,11 +81,56 @@ def pca_rgb(feats: torch.Tensor, basis: PcaBasis | None = None) -> torch.Tensor:
     basis = fit_pca(f) if basis is None else basis
     if basis.mean.shape[0] != f.shape[1]:
         raise ShapeError(f"basis was fitted on {basis.mean.shape[0]} channels, feats has {f.shape[1]}")
-    x = f.detach().float().permute(0, 2, 3, 1)
+    x = f.detach().float()
     b = PcaBasis(*(t.to(x.device) for t in (basis.mean, basis.components, basis.lo, basis.hi)))
-    rgb = ((_project(x, b) - b.lo) / (b.hi - b.lo).clamp_min(1e-12)).clamp(0, 1)
-    rgb = rgb.permute(0, 3, 1, 2).contiguous()
+    # components @ (x - mean) without a centred copy of x: (3, C) x (B, C, h*w) -> (B, 3, h*w)
+    proj = torch.matmul(b.components, x.flatten(2)) - (b.components @ b.mean)[:, None]
+    rgb = ((proj - b.lo[:, None]) / (b.hi - b.lo).clamp_min(1e-12)[:, None]).clamp(0, 1)
+    rgb = rgb.view(f.shape[0], 3, *f.shape[-2:])
     return rgb if feats.ndim == 4 else rgb[0]
+
+
+def pca_panels(image: torch.Tensor, lowres: torch.Tensor, upsampled: Sequence[torch.Tensor],
+               stride: int, basis: PcaBasis | None = None, step: int = 1) -> list[torch.Tensor]:
+    """``[image, low-res, *upsampled]`` as CPU RGB panels ``(3, ceil(H/step), ceil(W/step))`` in
+    ``[0, 1]``, all features coloured with one PCA basis, pixel-aligned.
+
+    Args:
+        image: ``(3, H, W)`` in ``[0, 1]``.
+        lowres: ``(C, ceil(H/stride), ceil(W/stride))``; drawn as ``stride``-pixel squares, cell
+            ``(i, j)`` over pixels ``[i*stride, (i+1)*stride)`` (cropped at the image border).
+        upsampled: feature maps ``(C, H, W)`` (any float dtype; may be memory-mapped).
+        stride: the backbone stride.  basis: default fitted on ``lowres``.
+        step: keep every ``step``-th pixel (for large images).
+
+    Example:
+        >>> low, up = torch.randn(8, 3, 4), torch.randn(8, 30, 45)  # stride 14
+        >>> [tuple(p.shape) for p in pca_panels(torch.rand(3, 30, 45), low, [up], 14)]
+        [(3, 30, 45), (3, 30, 45), (3, 30, 45)]
+    """
+    H, W = image.shape[-2:]
+    basis = fit_pca(lowres) if basis is None else basis
+    rows, cols = torch.arange(0, H, step) // stride, torch.arange(0, W, step) // stride
+    low = pca_rgb(lowres, basis).cpu()[:, rows][:, :, cols]
+    return [image[:, ::step, ::step].detach().float().cpu(), low,
+            *(pca_rgb(u[:, ::step, ::step], basis).cpu() for u in upsampled)]
+
+
+def save_row(panels: Sequence[torch.Tensor], path: str | os.PathLike[str] | BinaryIO,
+             gap: int = 4) -> None:
+    """Save RGB panels ``(3, H, W)`` in ``[0, 1]`` side by side as one PNG, pixel for pixel
+    (white ``gap`` between them, shorter panels top-aligned)."""
+    from PIL import Image
+
+    H = max(p.shape[-2] for p in panels)
+    W = sum(p.shape[-1] for p in panels) + gap * (len(panels) - 1)
+    canvas = torch.ones(3, H, W)
+    x = 0
+    for p in panels:
+        canvas[:, :p.shape[-2], x:x + p.shape[-1]] = p.detach().float().cpu().clamp(0, 1)
+        x += p.shape[-1] + gap
+    arr = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(arr).save(path, format="PNG")
 
 
 def save_grid(rows: Sequence[Sequence[torch.Tensor]], path: str | os.PathLike[str],

@@ -1,0 +1,104 @@
+"""Peak memory of one untiled UpFeat forward, to calibrate :mod:`upfeat.memory`.
+
+Each (part, upsampler, size) runs in a fresh process: build vits14_focus + the upsampler
+(``jbu_stack`` randomly initialised, ``bilinear``), warm up on a 56x56 image, reset the Linux
+peak-RSS counter (/proc/self/clear_refs), then run under ``torch.inference_mode`` and record
+VmHWM - VmRSS before the call (so the result includes the output tensor but not the model or the
+input). ``part`` is ``backbone`` (low-res features only), ``upsampler`` (features given),
+``both``, or ``tiled`` (:func:`upfeat.tiling.upsample_tiled` with 448-px upsampler tiles, backbone
+in one pass, output in memory; compared with :func:`upfeat.memory.plan_memory`'s estimate). Sizes
+are square; the extra non-square size checks the per-pixel scaling.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_memory.py       # ~4 min on 1 core
+    OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --parts tiled --sizes 896
+
+Writes benchmarks/results/memory.json and prints the fitted constants per pixel / token.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def one(part: str, upsampler: str, h: int, w: int) -> dict:
+    import torch
+
+    import upfeat
+    from upfeat.memory import plan_memory
+    from upfeat.ops import empty_cache
+    from upfeat.tiling import upsample_tiled
+    from upfeat.upsamplers import create_upsampler
+
+    bb = upfeat.backbones.create("vits14_focus")
+    model = upfeat.UpFeat(bb, create_upsampler(upsampler, dim=bb.dim, stride=bb.stride)).eval()
+    img = torch.rand(1, 3, h, w)
+    with torch.inference_mode():
+        model(torch.rand(1, 3, 56, 56))
+        feats = model.lowres(img) if part == "upsampler" else None
+        mem = plan_memory(model, (h, w), 10**12, tile=448)
+        gc.collect()
+        empty_cache()
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _status("VmRSS")
+        if part == "backbone":
+            res = model.lowres(img)
+        elif part == "upsampler":
+            res = model.upsampler(feats, img)
+        elif part == "tiled":
+            res = upsample_tiled(model, img, mem.plan)[0]
+        else:
+            res = model(img)
+        peak = _status("VmHWM") - base
+    return {"part": part, "upsampler": upsampler, "h": h, "w": w, "peak": peak,
+            "estimate": mem.tiled if part == "tiled" else mem.untiled,
+            "result_bytes": res.numel() * res.element_size(), "tokens": -(-h // 14) * -(-w // 14)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one", nargs=4, metavar=("PART", "UPSAMPLER", "H", "W"))
+    ap.add_argument("--sizes", type=int, nargs="+", default=[224, 448, 672, 896])
+    ap.add_argument("--parts", nargs="+", default=["backbone", "upsampler", "both", "tiled"])
+    args = ap.parse_args()
+    if args.one:
+        part, up, h, w = args.one
+        print(json.dumps(one(part, up, int(h), int(w))))
+        return
+    path = OUT / "memory.json"
+    rows = [r for r in (json.loads(path.read_text()) if path.is_file() else [])
+            if r["part"] not in args.parts]
+    shapes = [(s, s) for s in args.sizes] + ([(336, 1008)] if len(args.sizes) > 1 else [])
+    runs = [("backbone", "bilinear"), ("upsampler", "bilinear"), ("upsampler", "jbu_stack"),
+            ("both", "jbu_stack"), ("tiled", "bilinear"), ("tiled", "jbu_stack")]
+    for part, up in (r for r in runs if r[0] in args.parts):
+        for h, w in shapes:
+            if part == "tiled" and max(h, w) <= 448:
+                continue
+            r = subprocess.run([sys.executable, __file__, "--one", part, up, str(h), str(w)],
+                               capture_output=True, text=True, check=True)
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            d = rows[-1]
+            px = h * w
+            print(f"{part:9s} {up:9s} {h}x{w}: peak {d['peak'] / 2**20:8.1f} MiB = "
+                  f"{d['peak'] / px:7.1f} B/px = {d['peak'] / d['tokens'] / 384 / 4:6.2f} x "
+                  f"tokens*dim*4; plan_memory estimate {d['estimate'] / 2**20:8.1f} MiB",
+                  flush=True)
+    OUT.mkdir(exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

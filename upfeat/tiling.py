@@ -1,0 +1,263 @@
+"""Tiled inference: full-resolution features of images too large for one pass.
+
+Two stages, each tiled only when needed (:func:`upfeat.memory.plan_memory` decides):
+
+1. Backbone: one pass over the whole image when it fits (its activations are ~30x smaller than
+   the full-resolution output), else overlapping tiles blended at cell level.
+2. Upsampler: overlapping tiles, each given its window of the image and of the low-res
+   features, blended per pixel.
+
+Tiles are squares whose origins and sides are multiples of the backbone stride ``s``, so each
+sees the image's own feature grid: cell ``(i, j)`` of a tile at ``(y0, x0)`` is cell
+``(i + y0/s, j + x0/s)`` of the image, and a tile clipped by the bottom/right border is padded
+exactly as the whole image is. Blend weights are separable; they are 0 within ``margin =
+overlap/4`` pixels of a tile edge lying inside the image, rise along a raised-cosine ramp over
+the next ``margin`` pixels and are 1 beyond; they are normalised to sum to 1 at every pixel (at
+every cell for the backbone stage), so there are no seams.
+
+Exactness: the upsamplers are local (nearest: 0 cells, bilinear: 1, bicubic: 2, JBU stack: its
+influence falls below 1e-6 within 4 cells), so the upsampler stage with the default overlaps
+reproduces the one-pass result up to float rounding (``tests/test_tiling.py``). A tiled
+*backbone* is exact only if it is local too; a ViT attends to the whole tile, so its features
+change (measured and bounded in the tests), which is why the backbone is tiled last.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .backbones.base import check_image
+
+__all__ = ["BACKBONE_OVERLAP_CELLS", "TilePlan", "default_overlap", "lowres_tiled", "plan_tiles",
+           "upsample_tiled"]
+
+# Overlap in feature cells. The zero margin (overlap/4) must cover the reach of the upsampler
+# (nearest: 0 cells, bilinear: 1, bicubic: 2, JBU stack: ~4 before its influence is < 1e-5)
+# plus that of the backbone (0 for a patchify layer, 1 for a 3x3 conv after it, ...).
+_OVERLAP_CELLS = {"nearest": 4, "bilinear": 8, "bicubic": 8, "resize_conv": 8}
+_OVERLAP_CELLS_LEARNED = 16
+BACKBONE_OVERLAP_CELLS = 8
+"""Overlap of backbone tiles, in cells (only used when the backbone itself must be tiled)."""
+
+
+def default_overlap(upsampler_name: str, stride: int) -> int:
+    """Default tile overlap in pixels: 4 cells for nearest, 8 for bilinear/bicubic/resize_conv,
+    16 for the JBU stack (and any other upsampler)."""
+    return _OVERLAP_CELLS.get(upsampler_name, _OVERLAP_CELLS_LEARNED) * stride
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the tiles of an ``H x W`` image go.
+
+    Attributes:
+        size: ``(H, W)`` of the image.  stride: backbone stride ``s``.
+        tile: tile side in pixels (multiple of ``s``); tiles clipped by the image are smaller.
+        overlap: minimum overlap of neighbouring tiles in pixels (multiple of ``s``).
+        margin: pixels next to an inner tile edge with weight 0 (``overlap / 4``); the weight
+            reaches 1 at ``2 * margin``.
+        ys, xs: tile origins (multiples of ``s``, increasing); tiles are ``ys x xs``.
+    """
+
+    size: tuple[int, int]
+    stride: int
+    tile: int
+    overlap: int
+    margin: float
+    ys: tuple[int, ...]
+    xs: tuple[int, ...]
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    @property
+    def tiled(self) -> bool:
+        """Whether there is more than one tile."""
+        return self.n_tiles > 1
+
+    def windows(self) -> Iterator[tuple[int, int, int, int]]:
+        """``(y0, y1, x0, x1)`` of each tile in raster order, clipped to the image."""
+        (H, W), t = self.size, self.tile
+        for y in self.ys:
+            for x in self.xs:
+                yield y, min(y + t, H), x, min(x + t, W)
+
+
+def _axis_origins(length: int, tile: int, overlap: int, stride: int) -> tuple[int, ...]:
+    """Fewest stride-aligned origins such that neighbours overlap by >= ``overlap`` and the last
+    tile ends at the padded length; spread evenly (steps differ by at most one cell)."""
+    padded = -(-length // stride) * stride
+    if padded <= tile:
+        return (0,)
+    n = -(-(padded - overlap) // (tile - overlap))
+    cells = (padded - tile) // stride
+    return tuple(sorted({stride * ((2 * k * cells + n - 1) // (2 * (n - 1))) for k in range(n)}))
+
+
+def plan_tiles(size: tuple[int, int], stride: int, tile: int, overlap: int,
+               margin: float | None = None) -> TilePlan:
+    """Tiles of side ``tile`` over an image of ``size = (H, W)``.
+
+    Neighbouring tiles overlap by at least ``overlap`` pixels; the fewest tiles that allow it
+    are spread evenly, so some overlaps are up to one cell larger. ``tile >= 2 * overlap``.
+
+    Example:
+        >>> p = plan_tiles((500, 300), stride=14, tile=224, overlap=56)
+        >>> p.ys, p.xs, p.n_tiles
+        ((0, 140, 280), (0, 84), 6)
+    """
+    H, W = size
+    for name, v in (("H", H), ("W", W), ("stride", stride), ("tile", tile)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if tile % stride:
+        raise ValueError(f"tile={tile} px must be a multiple of the backbone stride {stride}")
+    if not isinstance(overlap, int) or overlap < 0 or overlap % stride:
+        raise ValueError(f"overlap={overlap!r} px must be a non-negative multiple of the stride "
+                         f"{stride}")
+    if tile < 2 * overlap:
+        raise ValueError(f"tile={tile} px must be at least 2 x overlap ({2 * overlap} px)")
+    margin = overlap / 4 if margin is None else float(margin)
+    if not 0 <= margin <= overlap / 4:
+        raise ValueError(f"margin={margin} px must be in [0, overlap/4 = {overlap / 4}]")
+    return TilePlan((H, W), stride, tile, overlap, margin, _axis_origins(H, tile, overlap, stride),
+                    _axis_origins(W, tile, overlap, stride))
+
+
+def _ramp(d: torch.Tensor, margin: float) -> torch.Tensor:
+    """0 for ``d <= margin``, raised cosine up to 1 at ``d = 2 * margin``."""
+    if margin == 0:
+        return torch.ones_like(d)
+    t = ((d - margin) / margin).clamp(0, 1)
+    return 0.5 - 0.5 * torch.cos(math.pi * t)
+
+
+def axis_weights(length: int, origins: tuple[int, ...], tile: int, margin: float,
+                 unit: int = 1) -> list[torch.Tensor]:
+    """Normalised 1-D blend weights of each tile along one axis, float32.
+
+    ``unit=1``: one weight per pixel of the tile's (clipped) span; ``unit=s``: one per feature
+    cell, evaluated at cell centres. At every pixel (cell) the weights of all tiles sum to 1.
+    """
+    spans = [(o, min(o + tile, length)) for o in origins]
+    n_units = -(-length // unit)
+    raw, total = [], torch.zeros(n_units, dtype=torch.float64)
+    for o, e in spans:
+        first, last = o // unit, -(-e // unit)
+        x = (torch.arange(first, last, dtype=torch.float64) + 0.5) * unit  # pixel/cell centres
+        d = torch.full_like(x, math.inf)
+        if o > 0:
+            d = torch.minimum(d, x - o)
+        if e < length:
+            d = torch.minimum(d, e - x)
+        w = _ramp(d, margin)
+        raw.append(w)
+        total[first:last] += w
+    if bool((total <= 0).any()):  # cannot happen for plans from plan_tiles
+        raise ValueError(f"tiles {spans} leave part of the axis (length {length}) without weight")
+    return [(w / total[o // unit:o // unit + len(w)]).float() for (o, _), w in zip(spans, raw)]
+
+
+def lowres_tiled(model: torch.nn.Module, img: torch.Tensor, plan: TilePlan | None = None,
+                 progress: Callable[[], None] | None = None) -> torch.Tensor:
+    """Backbone features ``(B, dim, ceil(H/s), ceil(W/s))`` float32: one pass when ``plan`` is
+    ``None`` or one tile, else per tile, blended with the weights at cell centres."""
+    if plan is None or not plan.tiled:
+        return model.lowres(img)
+    (H, W), s = plan.size, plan.stride
+    lowres = torch.zeros(img.shape[0], model.dim, -(-H // s), -(-W // s), device=img.device)
+    cy, cx = (axis_weights(n, o, plan.tile, plan.margin, s)
+              for n, o in ((H, plan.ys), (W, plan.xs)))
+    for (y0, y1, x0, x1), (i, j) in zip(plan.windows(), _indices(plan)):
+        lr = model.lowres(img[..., y0:y1, x0:x1])
+        lowres[..., y0 // s:y0 // s + lr.shape[-2], x0 // s:x0 // s + lr.shape[-1]] += (
+            lr * (cy[i][:, None] * cx[j][None, :]).to(lr))
+        if progress is not None:
+            progress()
+    return lowres
+
+
+def _indices(plan: TilePlan) -> Iterator[tuple[int, int]]:
+    return ((i, j) for i in range(len(plan.ys)) for j in range(len(plan.xs)))
+
+
+def upsample_tiled(model: torch.nn.Module, img: torch.Tensor, plan: TilePlan,
+                   backbone_plan: TilePlan | None = None, out: torch.Tensor | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of ``img`` in two tiled stages: ``(out (B, dim, H, W), lowres (B, dim, h, w))``.
+
+    1. The backbone runs once on the whole image (``backbone_plan=None``), or on the tiles of
+       ``backbone_plan`` (blended at cell level; a ViT's features then change, see the module
+       docstring).
+    2. The upsampler runs on the tiles of ``plan``, each given its window of the low-res
+       features and of the image, and the results are blended. The upsamplers are local, so
+       with the default overlaps this stage reproduces the one-pass result up to float rounding.
+
+    Args:
+        model: an :class:`upfeat.UpFeat` (anything with ``lowres``, ``upsampler``, ``dim``,
+            ``stride``); call under ``torch.inference_mode()`` to keep memory low.
+        img: ``(B, 3, H, W)`` RGB in ``[0, 1]``, ``(H, W) == plan.size``.
+        plan, backbone_plan: from :func:`plan_tiles` with the model's stride.
+        out: optional ``(B, dim, H, W)`` tensor to fill (any float dtype, any device, e.g. a
+            ``torch.from_numpy`` view of a memory-mapped file); every element is written, so
+            it need not be zeroed. Blending accumulates in ``out``'s dtype (float16: each
+            pixel is rounded once per tile covering it, at most 4 times).
+        progress: called as ``progress(done, total)`` after each tile of either stage.
+
+    Returns:
+        ``out`` and the low-res features ``(B, dim, ceil(H/s), ceil(W/s))`` float32.
+    """
+    dims = check_image(img)
+    for p in (plan, backbone_plan or plan):
+        if (dims["H"], dims["W"]) != p.size or p.stride != model.stride:
+            raise ValueError(f"plan for {p.size} at stride {p.stride} does not fit image "
+                             f"{(dims['H'], dims['W'])} and model stride {model.stride}")
+    (H, W), s, B, C = plan.size, plan.stride, dims["B"], model.dim
+    if out is not None and tuple(out.shape) != (B, C, H, W):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(B, C, H, W)}")
+    total = plan.n_tiles + (backbone_plan.n_tiles if backbone_plan and backbone_plan.tiled else 0)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    lowres = lowres_tiled(model, img, backbone_plan, tick)
+    if out is None:  # after stage 1, whose peak it would otherwise add to
+        out = torch.empty(B, C, H, W, device=img.device)
+    wy, wx = (axis_weights(n, o, plan.tile, plan.margin) for n, o in ((H, plan.ys), (W, plan.xs)))
+    row_end = col_end = 0  # pixels < row_end (< col_end in this row) were written by earlier tiles
+    for (y0, y1, x0, x1), (i, j) in zip(plan.windows(), _indices(plan)):
+        if j == 0:
+            row_end, col_end = (row_end if i == 0 else min(plan.ys[i - 1] + plan.tile, H)), 0
+        lr = lowres[..., y0 // s:-(-y1 // s), x0 // s:-(-x1 // s)]
+        up = model.upsampler(lr, img[..., y0:y1, x0:x1])
+        up.mul_((wy[i][:, None] * wx[j][None, :]).to(up))
+        _accumulate(out, up, y0, x0, row_end, col_end)
+        del up
+        col_end = x1
+        tick()
+    return out, lowres
+
+
+def _accumulate(out: torch.Tensor, up: torch.Tensor, y0: int, x0: int, row_end: int,
+                col_end: int) -> None:
+    """Add the weighted tile ``up`` at ``(y0, x0)``; pixels no earlier tile wrote are assigned
+    (origins increase, so earlier tiles wrote rows ``< row_end`` and, in this row of tiles,
+    columns ``< col_end``)."""
+    th, tw = up.shape[-2:]
+    ry, rx = max(0, min(row_end - y0, th)), max(0, min(col_end - x0, tw))
+    dst = out[..., y0:y0 + th, x0:x0 + tw]
+    up = up.to(out.device)
+    if ry:  # rows already written by the previous row of tiles
+        dst[..., :ry, :].add_(up[..., :ry, :])
+    if rx:  # fresh rows, but columns written by the previous tile of this row
+        dst[..., ry:, :rx].add_(up[..., ry:, :rx])
+    dst[..., ry:, rx:].copy_(up[..., ry:, rx:])
