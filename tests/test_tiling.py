@@ -86,7 +86,7 @@ def test_axis_weights_partition_of_unity_zero_margins_and_smooth():
     ("nearest", (230, 333), 1e-6),
     ("bilinear", (230, 333), 2e-5),  # float rounding of the interpolation coordinates (7e-6)
     ("bicubic", (230, 333), 2e-5),
-    ("jbu_stack", (252, 700), 1e-5),  # its reach decays below 1e-6 within the 4-cell margin
+    ("jbu_stack", (252, 700), 2e-5),  # reach < 1e-6 beyond the 4-cell margin; fp32 sums
 ])
 def test_both_stages_tiled_equal_untiled_with_a_local_backbone(upsampler, size, atol):
     """Every pixel's features depend on < margin pixels: tiles must reproduce the one pass."""

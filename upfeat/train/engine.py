@@ -83,7 +83,10 @@ def fit(cfg: TrainConfig) -> Path:
         for name in ("upsampler", "downsampler", "criterion"):
             load_module_state(getattr(objective, name), subdict(tensors, name), name, out / CKPT)
         start, elapsed = meta["train"]["step"], meta["train"]["elapsed_s"]
-    optimizer = torch.optim.NAdam(objective.parameters(), lr=cfg.lr)
+    params = list(objective.parameters())
+    groups = [{"params": [p for p in params if p.ndim > 0], "lr_mult": 1.0},
+              {"params": [p for p in params if p.ndim == 0], "lr_mult": cfg.scalar_lr}]
+    optimizer = torch.optim.NAdam([g for g in groups if g["params"]], lr=cfg.lr)
     objective, optimizer = fabric.setup(objective, optimizer)
     if tensors is not None:
         optimizer_from_tensors(optimizer, tensors, meta["state"]["optimizer"], str(out / CKPT))
@@ -124,7 +127,7 @@ def fit(cfg: TrainConfig) -> Path:
             view_feats = [backbone(x) for x in view_images]
         lr = cfg.lr_at(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         losses = objective(image, lr_feats, views, view_images, view_feats, gen)
         fabric.backward(losses["loss"])
         if cfg.grad_clip is not None:
