@@ -34,3 +34,17 @@ def save_untrained_model(path, range_dim: int = 8):
                            {"upsampler": up.config(),
                             "backbone": {"name": "vits14_focus", "dim": 384, "stride": 14}},
                            sidecar=True)
+
+
+def skip_without_focus() -> None:
+    """``pytest.skip`` unless the offline ViT-S/14 weights are cached or convertible."""
+    import pytest
+
+    from upfeat import backbones
+    from upfeat.backbones import focus
+
+    try:
+        focus.find_onnx()
+    except ImportError:
+        if not (backbones.cache_dir() / focus.CACHE_FILE).is_file():
+            pytest.skip(f"vits14_focus weights unavailable: {focus.INSTALL}")

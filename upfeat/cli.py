@@ -181,7 +181,42 @@ def demo(
     typer.echo(f"wrote {fig.path} ({len(fig.photos)} photo(s))")
 
 
+from .eval.cli import eval_app  # noqa: E402  (`upfeat eval probe|cam`)
 
+app.add_typer(eval_app, name="eval")
+
+
+@app.command()
+def implicit(
+    image: Annotated[Path, typer.Argument(help="Image file.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Output .safetensors (a <stem>.json sidecar is written beside it).", show_default=False)],
+    backbone: Annotated[str, typer.Option(help="Registered backbone name or timm:<name>.")] = "vits14_focus",
+    size: Annotated[Optional[tuple[int, int]], typer.Option(help="Resize the image to H W before fitting.", show_default=False)] = None,
+    viz: Annotated[Optional[Path], typer.Option(help="Also write a PNG: image | low-res | implicit (PCA).", show_default=False)] = None,
+    schedule: Annotated[str, typer.Option(help="fast (default) or reference (the authors' 3000 views, 1200 steps x 10 views).")] = "fast",
+    steps: Annotated[Optional[int], typer.Option(help="Override the schedule's optimiser steps.", show_default=False)] = None,
+    views: Annotated[Optional[int], typer.Option(help="Override the schedule's views per step.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the views, projections and initialisation.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Fit FeatUp's implicit upsampler to one image; the saved field can be queried at any size."""
+    import time
+
+    from .checkpoint import CheckpointError
+    from .upsamplers.implicit.run import fit_file
+
+    t0 = time.perf_counter()
+    try:
+        field = fit_file(image, backbone, out, size=size, viz=viz, schedule=schedule,
+                         steps=steps, views=views, seed=seed, progress=progress)
+    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
+        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
+        raise typer.Exit(2) from None
+    s = field.meta["schedule"]
+    H, W = field.image_size
+    typer.echo(f"{image} ({H}x{W}): {s['name']} schedule, {s['pool']} backbone views, "
+               f"{s['steps']} steps x {s['views']} views in {time.perf_counter() - t0:.1f} s "
+               f"-> {out}" + (f", {viz}" if viz else ""))
 
 
 def main() -> None:  # pragma: no cover - console entry point

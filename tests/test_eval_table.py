@@ -1,0 +1,62 @@
+"""benchmarks/eval_table.py: the combined README table, the sanity check, and (slow) a tiny run."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ._utils import save_untrained_model, skip_without_focus
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_table.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("eval_table", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(label, **metrics):
+    return {"label": label, "metrics": metrics, "seconds": {"fit": 1.0, "eval": 2.4}}
+
+
+def test_combined_table_and_sanity_check():
+    m = _script()
+    results = {"camvid": {"rows": [_row("nearest", miou=0.4, pixel_acc=0.8),
+                                   _row("bilinear", miou=0.45, pixel_acc=0.85)]},
+               "davis": {"rows": [_row("nearest", fg_iou=0.6), _row("bilinear", fg_iou=0.55),
+                                  _row("jbu", fg_iou=0.7)]}}
+    table = m.combined_table(results).splitlines()
+    assert table[0] == ("| upsampler | CamVid mIoU (%) | CamVid pixel acc (%) | DAVIS fg IoU (%) "
+                        "| camvid time (s) | davis time (s) |")
+    assert table[2] == "| `nearest` | 40.00 | 80.00 | 60.00 | 3 | 3 |"
+    assert table[4] == "| `jbu` | – | – | 70.00 | – | 3 |"  # a row missing on one dataset
+    assert m.sanity(results) == ["davis: bilinear fg_iou 0.5500 <= nearest 0.6000"]
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end(data_dir, tmp_path):
+    """The README command on a few images, training its resize_conv (2 steps) on the way."""
+    skip_without_focus()
+    jbu = save_untrained_model(tmp_path / "jbu.safetensors")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(SCRIPT), "--camvid-train", "4", "--camvid-eval", "2",
+                        "--davis-train", "3", "--davis-eval", "2", "--max-iter", "20",
+                        "--resize-conv", str(tmp_path / "rc"), "--resize-conv-steps", "2",
+                        "--jbu", str(jbu), "--out", str(tmp_path / "out"), "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode in (0, 1), r.stderr  # 1: bilinear <= nearest, possible on 2 images
+    assert (tmp_path / "rc" / "model.safetensors").is_file()
+    data = json.loads((tmp_path / "out" / "eval_table.json").read_text())
+    for name in ("camvid", "davis"):
+        labels = [row["label"] for row in data["results"][name]["rows"]]
+        assert labels == ["nearest", "bilinear", "bicubic", "resize_conv", "large_image", "jbu"]
+    assert "train resize_conv" in data["seconds"]
+    for f in ("eval_seg_camvid.png", "eval_fgbg_davis_examples.png", "eval_table.md"):
+        assert (tmp_path / "out" / f).stat().st_size > 0
