@@ -55,7 +55,7 @@ def check_image(img: object, name: str = "img") -> dict[str, int]:
     if img.device.type != "meta" and img.numel() > 0:
         # Catch the two usual mistakes (0..255 floats, already-normalised images) without
         # rejecting the small overshoot that bicubic resizing produces.
-        lo, hi = float(img.min()), float(img.max())
+        lo, hi = float(img.detach().min()), float(img.detach().max())
         if lo < -0.5 or hi > 1.5:
             raise ValueError(f"{name} must hold un-normalised RGB values in [0, 1], got range "
                              f"[{lo:.3g}, {hi:.3g}]; the backbone applies its own mean/std")
