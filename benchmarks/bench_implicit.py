@@ -1,0 +1,246 @@
+"""Implicit upsampler: the ``fast`` schedule against the authors' (``reference``) on CamVid val.
+
+    python benchmarks/bench_implicit.py --estimate   # time one image per schedule, predict the run
+    python benchmarks/bench_implicit.py              # fit (cached), probe, write results
+
+Data: ``--images`` (N, default 8) evenly spaced CamVid val images, resized to ``--height`` (112)
+pixels high and the multiple of 14 closest to the aspect ratio in width (112 x 154, 8 x 11 tokens
+of ``vits14_focus``). The reference schedule costs ~13 min per image at this size on one shared
+core (5 of them for its 3000 backbone views), so it runs on the first ``--ref-images`` (R,
+default 4) of the N images only; every other row covers all N, and every comparison with the
+reference is made on those R images (paired). Fits are cached (``--cache``, one safetensors per
+image and schedule, with the wall time measured when it was fitted), so the run can be split.
+
+Rows: ``bilinear``; ``jbu`` (``upfeat.load("vits14_focus_jbu")``, skipped with the reason when it
+cannot be loaded); ``implicit fast``; ``implicit reference``. Time per image = wall time of
+``fit_implicit`` (backbone views + optimisation) with one thread (``OMP_NUM_THREADS=1``) on a
+2-core machine shared with other jobs, so absolute times are inflated; both schedules ran under
+the same conditions.
+
+Two probe protocols (mIoU over the pooled confusion matrix; 11 classes, void ignored):
+
+- **A, transfer**: the evaluation issue's probe (:mod:`upfeat.eval.probe`: 1500 random pixels per
+  image, standardised, full-batch L-BFGS, 300 iterations) trained on *bilinear* features of
+  ``--train-images`` (K, default 100) CamVid train images, then applied to every row's features
+  of the val images. Fitting an implicit field per train image is out of reach on a CPU, and one
+  probe for all rows asks whether a row is a drop-in replacement for the backbone's features.
+  It favours rows that stay close to the bilinear features the probe was trained on.
+- **B, own features**: per row, a probe trained on that row's own features of the evaluated val
+  images, on the pixels of the "white" 16 x 16 squares of a checkerboard (up to 4000 per image),
+  tested on the "black" squares. Closer to the paper (a probe per method), but images are shared
+  between train and test pixels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import upfeat
+from upfeat.checkpoint import CheckpointError
+from upfeat.eval.datasets import Sample, auto_size, camvid, subset
+from upfeat.eval.metrics import SegMeter
+from upfeat.eval.probe import ProbeConfig, fit_probe, sample_pixels
+from upfeat.upsamplers import create_upsampler
+from upfeat.upsamplers.implicit import ImplicitFeatures, fit_implicit, get_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "camvid"
+CACHE = Path(os.environ.get("UPFEAT_CACHE", Path.home() / ".cache" / "upfeat")) / "bench_implicit"
+BLOCK, OWN_PIXELS = 16, 4000
+
+
+def fit_cached(sample: Sample, backbone, schedule: str, cache: Path) -> ImplicitFeatures:
+    """The image's fitted field, from ``cache`` if fitted with the same schedule and seed 0."""
+    H, W = sample.image.shape[-2:]
+    path = cache / f"{schedule}_{H}x{W}_{sample.name}_seed0.safetensors"
+    want = get_schedule(schedule).to_dict()
+    if path.is_file():
+        field = ImplicitFeatures.load(path)
+        if field.meta.get("schedule") == want and field.meta.get("seed") == 0:
+            field.meta["cached"] = True
+            return field
+    field = fit_implicit(sample.image, backbone, schedule=schedule, seed=0, progress=True)
+    field.meta["bench"] = {"loadavg_1min": os.getloadavg()[0], "threads": torch.get_num_threads()}
+    field.save(path)
+    return field
+
+
+def checkerboard(h: int, w: int) -> torch.Tensor:
+    """``(H, W)`` bool, True on the "white" ``BLOCK``-pixel squares (probe B's train pixels)."""
+    yy, xx = torch.meshgrid(torch.arange(h) // BLOCK, torch.arange(w) // BLOCK, indexing="ij")
+    return (yy + xx) % 2 == 0
+
+
+def probe_transfer(probe, feats: list[torch.Tensor], samples: list[Sample], ncls: int,
+                   void: int) -> dict:
+    """Probe A: the bilinear-trained probe on these features, every valid pixel."""
+    meter = SegMeter(ncls, void)
+    for f, s in zip(feats, samples):
+        meter.update(probe.predict(f)[0], s.target)
+    return meter.compute()
+
+
+def probe_own(feats: list[torch.Tensor], samples: list[Sample], ncls: int, void: int) -> dict:
+    """Probe B: train on checkerboard-white pixels of these images, test on the black ones."""
+    g = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    for f, s in zip(feats, samples):
+        train = (checkerboard(*s.target.shape) & (s.target != void)).flatten().nonzero()[:, 0]
+        train = train[torch.randperm(train.numel(), generator=g)[:OWN_PIXELS]]
+        xs.append(f[0].flatten(1)[:, train].T)
+        ys.append(s.target.flatten()[train])
+    probe, _ = fit_probe(torch.cat(xs), torch.cat(ys), ProbeConfig(), ncls)
+    meter = SegMeter(ncls, void)
+    for f, s in zip(feats, samples):
+        meter.update(probe.predict(f)[0], s.target.masked_fill(checkerboard(*s.target.shape), void))
+    return meter.compute()
+
+
+def reference_cost(img: torch.Tensor, backbone) -> dict:
+    """Wall and CPU seconds of one reference fit, extrapolated from 100 views and 60 steps."""
+    ref = get_schedule("reference")
+    short = ref.replace(pool=100, steps=60)
+    fit = fit_implicit(img, backbone, schedule=short, progress=False).meta["fit"]
+    return {key: fit[key]["views"] * ref.pool / short.pool
+            + fit[key]["steps"] * ref.steps / short.steps for key in ("seconds", "cpu_seconds")}
+
+
+def estimate(samples: list[Sample], backbone, n_ref: int) -> None:
+    """Time the fast schedule on one image and a short reference run; print the prediction."""
+    fast = fit_implicit(samples[0].image, backbone, progress=False).meta["fit"]["seconds"]["total"]
+    ref = reference_cost(samples[0].image, backbone)["seconds"]
+    total = fast * len(samples) + ref * n_ref + 300  # + ~5 min of probes
+    print(f"fast {fast:.0f} s/image, reference ~{ref:.0f} s/image (extrapolated); "
+          f"{len(samples)} fast + {n_ref} reference fits + probes: ~{total / 60:.0f} min")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--ref-images", type=int, default=4)
+    ap.add_argument("--height", type=int, default=112)
+    ap.add_argument("--train-images", type=int, default=100)
+    ap.add_argument("--cache", type=Path, default=CACHE)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--estimate", action="store_true", help="only time one image per schedule")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bb = upfeat.backbones.create("vits14_focus").eval()
+    size = auto_size(camvid(DATA, "val"), bb.stride, args.height)
+    val = subset(camvid(DATA, "val", size), args.images)
+    samples = [val[i] for i in range(len(val))]
+    n_ref = min(args.ref_images, len(samples))
+    if args.estimate:
+        return estimate(samples, bb, n_ref)
+    t_start = time.perf_counter()
+    rows, notes = features(samples, bb, n_ref, args.cache)
+    ref_cost = reference_cost(samples[0].image, bb)
+    ncls, void = val.num_classes, val.ignore_index
+    train = subset(camvid(DATA, "train", size), args.train_images)
+    bil = create_upsampler("bilinear", dim=bb.dim, stride=bb.stride)
+    with torch.no_grad():
+        x, y = sample_pixels(lambda im: bil(bb(im), im), train, ProbeConfig(), progress=True)
+    probe, _ = fit_probe(x, y, ProbeConfig(), ncls)
+    del x, y
+    results = []
+    for name, r in rows.items():
+        n = len(r["feats"])
+        subsets = {"N": (r["feats"], samples[:n])} if n == len(samples) else {}
+        subsets["R"] = (r["feats"][:n_ref], samples[:n_ref])
+        res = {"row": name, "images": n, "seconds_per_image": r.get("seconds"),
+               "cpu_seconds_per_image": r.get("cpu_mean")}
+        for key, (fs, ss) in subsets.items():
+            res[f"A_{key}"] = probe_transfer(probe, fs, ss, ncls, void)
+            res[f"B_{key}"] = probe_own(fs, ss, ncls, void)
+        results.append(res)
+        print(name, {k: round(v["miou"] * 100, 2) for k, v in res.items() if k[:2] in ("A_", "B_")})
+    write(args, size, samples, n_ref, rows, results, notes, ref_cost,
+          time.perf_counter() - t_start, bb)
+
+
+def features(samples: list[Sample], bb, n_ref: int, cache: Path) -> tuple[dict, list[str]]:
+    """Per row: full-resolution features ``(1, C, H, W)`` of its images and seconds per image."""
+    notes: list[str] = []
+    bil = create_upsampler("bilinear", dim=bb.dim, stride=bb.stride)
+    rows: dict = {"bilinear": {"feats": []}}
+    try:
+        jbu = upfeat.load("vits14_focus_jbu").upsampler
+        rows["jbu"] = {"feats": []}
+    except (CheckpointError, OSError) as e:
+        jbu = None
+        notes.append(f"jbu row skipped: {' '.join(str(e).split())}")
+    rows["implicit fast"] = {"feats": [], "times": [], "cpu": []}
+    rows["implicit reference"] = {"feats": [], "times": [], "cpu": []}
+    for i, s in enumerate(samples):
+        img = s.image[None]
+        with torch.no_grad():
+            lr = bb(img)
+            rows["bilinear"]["feats"].append(bil(lr, img))
+            if jbu is not None:
+                rows["jbu"]["feats"].append(jbu(lr, img))
+        for sched in ("fast", "reference")[:2 if i < n_ref else 1]:
+            field = fit_cached(s, bb, sched, cache)
+            r = rows[f"implicit {sched}"]
+            r["feats"].append(field.query())
+            r["times"].append(field.meta["fit"]["seconds"]["total"])
+            r["cpu"].append(field.meta["fit"].get("cpu_seconds", {}).get("total"))
+            cached = " (cached)" if field.meta.get("cached") else ""
+            print(f"{s.name} {sched}: {r['times'][-1]:.1f} s{cached}", flush=True)
+    for key in ("implicit fast", "implicit reference"):
+        t, c = rows[key]["times"], rows[key]["cpu"]
+        rows[key]["seconds"] = sum(t) / len(t)
+        rows[key]["cpu_mean"] = None if None in c else sum(c) / len(c)
+    return rows, notes
+
+
+def write(args, size, samples, n_ref, rows, results, notes, ref_cost, seconds, bb) -> None:
+    """``implicit.json``, ``implicit.md`` and the side-by-side figure ``implicit.png``."""
+    from upfeat.viz import pca_panels, save_grid
+
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    fast, ref = rows["implicit fast"], rows["implicit reference"]
+    speed = mean(ref["times"]) / mean(fast["times"][:n_ref])
+    fast_cpu = mean(fast["cpu"]) if None not in fast["cpu"] else float("nan")
+    speed_cpu = ref_cost["cpu_seconds"] / fast_cpu
+    out = {"size": list(size), "images": [s.name for s in samples], "ref_images": n_ref,
+           "train_images": args.train_images, "threads": torch.get_num_threads(),
+           "speedup_wall": speed, "speedup_cpu": speed_cpu,
+           "reference_extrapolated": ref_cost,
+           "per_image_seconds": {"fast": fast["times"], "reference": ref["times"]},
+           "per_image_cpu_seconds": {"fast": fast["cpu"], "reference": ref["cpu"]},
+           "schedules": {k: get_schedule(k).to_dict() for k in ("fast", "reference")},
+           "rows": results, "notes": notes, "run_seconds": seconds}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "implicit.json").write_text(json.dumps(out, indent=2) + "\n")
+    pct = lambda r, k: f"{r[k]['miou'] * 100:.2f}" if k in r else "–"  # noqa: E731
+    lines = [f"CamVid val, {size[0]}x{size[1]}, vits14_focus; N = {len(samples)} images, "
+             f"reference on the first R = {n_ref}; 1 thread on a shared 2-core CPU.", "",
+             "| row | images | s / image | mIoU A (N) | mIoU A (R) | mIoU B (N) | mIoU B (R) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        t = r["seconds_per_image"]
+        lines.append(f"| {r['row']} | {r['images']} | {'–' if t is None else f'{t:.1f}'} | "
+                     f"{pct(r, 'A_N')} | {pct(r, 'A_R')} | {pct(r, 'B_N')} | {pct(r, 'B_R')} |")
+    lines += ["", f"Wall time, reference / fast on the same {n_ref} images: {speed:.1f}x. CPU time "
+              f"(less sensitive to the other jobs): fast {fast_cpu:.1f} s per image (measured), "
+              f"reference {ref_cost['cpu_seconds']:.0f} s (extrapolated from 100 views and 60 "
+              f"steps of it in this run): {speed_cpu:.1f}x.", *notes]
+    (args.out / "implicit.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    grid = []
+    for i in range(min(2, n_ref)):
+        img = samples[i].image
+        with torch.no_grad():
+            low = bb(img[None])[0]
+        ups = [rows[k]["feats"][i][0] for k in rows]
+        grid.append(pca_panels(img, low, ups, bb.stride))
+    save_grid(grid, args.out / "implicit.png", titles=["image", "low-res", *rows])
+
+
+if __name__ == "__main__":
+    main()
