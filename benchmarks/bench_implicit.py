@@ -190,8 +190,13 @@ def features(samples: list[Sample], bb, n_ref: int, cache: Path) -> tuple[dict, 
             r["times"].append(field.meta["fit"]["seconds"]["total"])
             r["cpu"].append(field.meta["fit"].get("cpu_seconds", {}).get("total"))
             cached = " (cached)" if field.meta.get("cached") else ""
+            r["cached"] = r.get("cached", 0) + bool(cached)
             print(f"{s.name} {sched}: {r['times'][-1]:.1f} s{cached}", flush=True)
     for key in ("implicit fast", "implicit reference"):
+        if rows[key].get("cached"):
+            notes.append(f"{key}: {rows[key]['cached']} of {len(rows[key]['times'])} fits read "
+                         f"from the cache, with the times measured when they were fitted "
+                         f"(possibly under another load)")
         t, c = rows[key]["times"], rows[key]["cpu"]
         rows[key]["seconds"] = sum(t) / len(t)
         rows[key]["cpu_mean"] = None if None in c else sum(c) / len(c)
