@@ -5,6 +5,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from ..lr import warmup_cosine
+
 # Fields that may change when a run is resumed (how it runs, not what it learns).
 RUNTIME_FIELDS = frozenset({"steps", "out", "resume", "devices", "strategy", "accelerator",
                             "num_nodes", "ckpt_every", "log_every", "progress", "data"})
@@ -89,11 +91,7 @@ class TrainConfig:
 
     def lr_at(self, step: int) -> float:
         """Learning rate of (0-based) ``step``: linear warm-up, then cosine to ``lr * min_lr``."""
-        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
-        if self.schedule == "constant":
-            return self.lr * warm
-        t = min(step / max(self.steps - 1, 1), 1.0)
-        return self.lr * warm * (self.min_lr + (1 - self.min_lr) * 0.5 * (1 + math.cos(math.pi * t)))
+        return warmup_cosine(step, self.lr, self.steps, self.warmup, self.min_lr, self.schedule)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..._checks import unknown_name
+from ...lr import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,7 @@ class Schedule:
 
     def lr_at(self, step: int) -> float:
         """Learning rate of 0-based ``step``."""
-        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
-        if self.decay == "constant":
-            return self.lr * warm
-        t = min(step / max(self.steps - 1, 1), 1.0)
-        cos = 0.5 * (1 + math.cos(math.pi * t))
-        return self.lr * warm * (self.min_lr + (1 - self.min_lr) * cos)
+        return warmup_cosine(step, self.lr, self.steps, self.warmup, self.min_lr, self.decay)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
