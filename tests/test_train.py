@@ -233,3 +233,17 @@ def test_objective_fast_path_equals_plain_loss(downsampler):
     for k in ("loss", "nll", "crf"):
         ref = sum(p[k] for p in plain) / len(plain)
         assert torch.allclose(fast[k], ref, rtol=1e-10, atol=1e-10), (k, fast[k], ref)
+
+
+def test_atomic_write_gives_normal_file_permissions(tmp_path):
+    """Outputs get the mode open() would give (0666 & ~umask), not mkstemp's private 0600."""
+    import os
+    import stat
+
+    from upfeat.checkpoint import atomic_write
+    old = os.umask(0o022)
+    try:
+        p = atomic_write(tmp_path / "x.bin", lambda t: t.write_bytes(b"1"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644 and p.read_bytes() == b"1"

@@ -35,6 +35,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike[str], write) -> Path:
     """Call ``write(tmp_path)`` then atomically move the finished file to ``path``."""
     path = Path(path)
@@ -43,6 +49,7 @@ def atomic_write(path: str | os.PathLike[str], write) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would give
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
