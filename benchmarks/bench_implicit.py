@@ -17,8 +17,13 @@ cannot be loaded); ``implicit fast``; ``implicit reference``. Time per image = w
 2-core machine shared with other jobs, so absolute times are inflated; both schedules ran under
 the same conditions.
 
-Two probe protocols (mIoU over the pooled confusion matrix; 11 classes, void ignored):
+Three probe protocols (mIoU over the pooled confusion matrix; 11 classes, void ignored):
 
+- **C, own probe on the train split** (the evaluation issue's protocol, :mod:`upfeat.eval.probe`:
+  1500 random pixels per image, standardised, full-batch L-BFGS): per row, a probe trained on
+  that row's features of ``--own-train-images`` (K, default 16) CamVid train images (an implicit
+  fit for each of them: fits are cached), tested on the N val images. The reference schedule is
+  left out (K more reference fits).
 - **A, transfer**: the evaluation issue's probe (:mod:`upfeat.eval.probe`: 1500 random pixels per
   image, standardised, full-batch L-BFGS, 300 iterations) trained on *bilinear* features of
   ``--train-images`` (K, default 100) CamVid train images, then applied to every row's features
@@ -33,10 +38,12 @@ Two probe protocols (mIoU over the pooled confusion matrix; 11 classes, void ign
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -46,7 +53,7 @@ from upfeat.eval.datasets import Sample, auto_size, camvid, subset
 from upfeat.eval.metrics import SegMeter
 from upfeat.eval.probe import ProbeConfig, fit_probe, sample_pixels
 from upfeat.upsamplers import create_upsampler
-from upfeat.upsamplers.implicit import ImplicitFeatures, fit_implicit, get_schedule
+from upfeat.upsamplers.implicit import ImplicitFeatures, Schedule, fit_implicit, get_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "camvid"
@@ -54,20 +61,61 @@ CACHE = Path(os.environ.get("UPFEAT_CACHE", Path.home() / ".cache" / "upfeat")) 
 BLOCK, OWN_PIXELS = 16, 4000
 
 
-def fit_cached(sample: Sample, backbone, schedule: str, cache: Path) -> ImplicitFeatures:
-    """The image's fitted field, from ``cache`` if fitted with the same schedule and seed 0."""
+def fit_cached(sample: Sample, backbone, schedule: str | Schedule, cache: Path,
+               tag: str | None = None) -> ImplicitFeatures:
+    """The image's fitted field, from ``cache`` if fitted with the same schedule and seed 0
+    (``tag``, default the schedule's name, names the cache file)."""
     H, W = sample.image.shape[-2:]
-    path = cache / f"{schedule}_{H}x{W}_{sample.name}_seed0.safetensors"
-    want = get_schedule(schedule).to_dict()
+    schedule = get_schedule(schedule)
+    path = cache / f"{tag or schedule.name}_{H}x{W}_{sample.name}_seed0.safetensors"
+    want = schedule.to_dict()
     if path.is_file():
         field = ImplicitFeatures.load(path)
-        if field.meta.get("schedule") == want and field.meta.get("seed") == 0:
+        if compatible(field.meta.get("schedule", {}), want) and field.meta.get("seed") == 0:
             field.meta["cached"] = True
             return field
     field = fit_implicit(sample.image, backbone, schedule=schedule, seed=0, progress=True)
     field.meta["bench"] = {"loadavg_1min": os.getloadavg()[0], "threads": torch.get_num_threads()}
     field.save(path)
     return field
+
+
+def compatible(cached: dict, want: dict) -> bool:
+    """Cached schedule == ``want``, counting fields added since it was written at their default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Schedule)
+                if f.default is not dataclasses.MISSING}
+    return {**defaults, **cached} == want
+
+
+def probe_own_train(feats: Callable[[Sample], torch.Tensor], train: list[Sample],
+                    val_feats: list[torch.Tensor], val: list[Sample], ncls: int,
+                    void: int) -> dict:
+    """Probe C: trained on this row's features of the train images, tested on the val images."""
+    queue = iter(train)
+
+    def by_image(image: torch.Tensor) -> torch.Tensor:
+        s = next(queue)  # sample_pixels visits the train images in order
+        assert torch.equal(image[0], s.image), "train images out of order"
+        return feats(s)
+
+    x, y = sample_pixels(by_image, ListDataset(train, void), ProbeConfig())
+    probe, _ = fit_probe(x, y, ProbeConfig(), ncls)
+    return probe_transfer(probe, val_feats, val, ncls, void)
+
+
+@dataclasses.dataclass
+class ListDataset:
+    """Samples in memory, with the attributes :func:`sample_pixels` reads."""
+
+    samples: list[Sample]
+    ignore_index: int
+    name: str = "CamVid train"
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self):
+        return iter(self.samples)
 
 
 def checkerboard(h: int, w: int) -> torch.Tensor:
@@ -124,10 +172,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--ref-images", type=int, default=4)
     ap.add_argument("--height", type=int, default=112)
-    ap.add_argument("--train-images", type=int, default=100)
+    ap.add_argument("--train-images", type=int, default=100, help="probe A's train images")
+    ap.add_argument("--own-train-images", type=int, default=16, help="probe C's train images")
+    ap.add_argument("--fit-shard", metavar="I/S", help="only fit (into the cache) every S-th "
+                    "fast-schedule fit from the I-th (val and probe-C train images, and the "
+                    "--ablation rows), then stop: run S of these at once to use S cores")
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--estimate", action="store_true", help="only time one image per schedule")
+    ap.add_argument("--ablation", action="store_true", help="add rows: the fast schedule without "
+                    "its base and on a bilinear base (probes A and B)")
     args = ap.parse_args()
     torch.manual_seed(0)
     bb = upfeat.backbones.create("vits14_focus").eval()
@@ -135,10 +189,21 @@ def main() -> None:
     val = subset(camvid(DATA, "val", size), args.images)
     samples = [val[i] for i in range(len(val))]
     n_ref = min(args.ref_images, len(samples))
+    own_train = subset(camvid(DATA, "train", size), args.own_train_images)
+    own_train = [own_train[i] for i in range(len(own_train))]
     if args.estimate:
         return estimate(samples, bb, n_ref)
+    if args.fit_shard:
+        i, n = map(int, args.fit_shard.split("/"))
+        jobs = [(s, "fast", None) for s in samples + own_train]
+        if args.ablation:
+            jobs += [(s, get_schedule("fast").replace(**changes), tag)
+                     for tag, changes in ABLATION.values() for s in samples]
+        for s, sched, tag in jobs[i::n]:
+            fit_cached(s, bb, sched, args.cache, tag)
+        return None
     t_start = time.perf_counter()
-    rows, notes = features(samples, bb, n_ref, args.cache)
+    rows, notes, row_fn = features(samples, bb, n_ref, args.cache, args.ablation)
     ref_cost = reference_cost(samples[0].image, bb)
     ncls, void = val.num_classes, val.ignore_index
     train = subset(camvid(DATA, "train", size), args.train_images)
@@ -151,20 +216,31 @@ def main() -> None:
     for name, r in rows.items():
         n = len(r["feats"])
         subsets = {"N": (r["feats"], samples[:n])} if n == len(samples) else {}
-        subsets["R"] = (r["feats"][:n_ref], samples[:n_ref])
+        if n_ref:
+            subsets["R"] = (r["feats"][:n_ref], samples[:n_ref])
         res = {"row": name, "images": n, "seconds_per_image": r.get("seconds"),
                "cpu_seconds_per_image": r.get("cpu_mean")}
+        if name in row_fn:
+            res["C_N"] = probe_own_train(row_fn[name], own_train, r["feats"], samples, ncls, void)
         for key, (fs, ss) in subsets.items():
             res[f"A_{key}"] = probe_transfer(probe, fs, ss, ncls, void)
             res[f"B_{key}"] = probe_own(fs, ss, ncls, void)
         results.append(res)
-        print(name, {k: round(v["miou"] * 100, 2) for k, v in res.items() if k[:2] in ("A_", "B_")})
+        print(name, {k: round(v["miou"] * 100, 2) for k, v in res.items()
+                     if k[:2] in ("A_", "B_", "C_")}, flush=True)
     write(args, size, samples, n_ref, rows, results, notes, ref_cost,
           time.perf_counter() - t_start, bb)
 
 
-def features(samples: list[Sample], bb, n_ref: int, cache: Path) -> tuple[dict, list[str]]:
-    """Per row: full-resolution features ``(1, C, H, W)`` of its images and seconds per image."""
+# --ablation rows: the fast schedule without its base, and on a bilinear base (cache tag, changes)
+ABLATION = {"implicit fast, no base": ("fast-nobase", {"base": "none"}),
+            "implicit fast, bilinear base": ("fast-bilinear", {"base": "bilinear"})}
+
+
+def features(samples: list[Sample], bb, n_ref: int, cache: Path,
+             ablation: bool = False) -> tuple[dict, list[str], dict]:
+    """Per row: full-resolution features ``(1, C, H, W)`` of its images and seconds per image;
+    notes; and per row with a probe C, a function ``Sample -> (1, C, H, W)`` features."""
     notes: list[str] = []
     bil = create_upsampler("bilinear", dim=bb.dim, stride=bb.stride)
     rows: dict = {"bilinear": {"feats": []}}
@@ -174,8 +250,13 @@ def features(samples: list[Sample], bb, n_ref: int, cache: Path) -> tuple[dict, 
     except (CheckpointError, OSError) as e:
         jbu = None
         notes.append(f"jbu row skipped: {' '.join(str(e).split())}")
-    rows["implicit fast"] = {"feats": [], "times": [], "cpu": []}
-    rows["implicit reference"] = {"feats": [], "times": [], "cpu": []}
+    fits = {"implicit fast": ("fast", get_schedule("fast"))}
+    if n_ref:
+        fits["implicit reference"] = ("reference", get_schedule("reference"))
+    if ablation:
+        fits.update({row: (tag, get_schedule("fast").replace(**changes))
+                     for row, (tag, changes) in ABLATION.items()})
+    rows.update({row: {"feats": [], "times": [], "cpu": []} for row in fits})
     for i, s in enumerate(samples):
         img = s.image[None]
         with torch.no_grad():
@@ -183,16 +264,18 @@ def features(samples: list[Sample], bb, n_ref: int, cache: Path) -> tuple[dict, 
             rows["bilinear"]["feats"].append(bil(lr, img))
             if jbu is not None:
                 rows["jbu"]["feats"].append(jbu(lr, img))
-        for sched in ("fast", "reference")[:2 if i < n_ref else 1]:
-            field = fit_cached(s, bb, sched, cache)
-            r = rows[f"implicit {sched}"]
+        for row, (tag, sched) in fits.items():
+            if row == "implicit reference" and i >= n_ref:
+                continue
+            field = fit_cached(s, bb, sched, cache, tag)
+            r = rows[row]
             r["feats"].append(field.query())
             r["times"].append(field.meta["fit"]["seconds"]["total"])
             r["cpu"].append(field.meta["fit"].get("cpu_seconds", {}).get("total"))
             cached = " (cached)" if field.meta.get("cached") else ""
             r["cached"] = r.get("cached", 0) + bool(cached)
-            print(f"{s.name} {sched}: {r['times'][-1]:.1f} s{cached}", flush=True)
-    for key in ("implicit fast", "implicit reference"):
+            print(f"{s.name} {row}: {r['times'][-1]:.1f} s{cached}", flush=True)
+    for key in fits:
         if rows[key].get("cached"):
             notes.append(f"{key}: {rows[key]['cached']} of {len(rows[key]['times'])} fits read "
                          f"from the cache, with the times measured when they were fitted "
@@ -200,7 +283,16 @@ def features(samples: list[Sample], bb, n_ref: int, cache: Path) -> tuple[dict, 
         t, c = rows[key]["times"], rows[key]["cpu"]
         rows[key]["seconds"] = sum(t) / len(t)
         rows[key]["cpu_mean"] = None if None in c else sum(c) / len(c)
-    return rows, notes
+
+    @torch.no_grad()
+    def guided(up, s: Sample) -> torch.Tensor:
+        return up(bb(s.image[None]), s.image[None])
+
+    row_fn = {"bilinear": lambda s: guided(bil, s),
+              "implicit fast": lambda s: fit_cached(s, bb, "fast", cache).query()}
+    if jbu is not None:
+        row_fn["jbu"] = lambda s: guided(jbu, s)
+    return rows, notes, row_fn
 
 
 def write(args, size, samples, n_ref, rows, results, notes, ref_cost, seconds, bb) -> None:
@@ -208,16 +300,16 @@ def write(args, size, samples, n_ref, rows, results, notes, ref_cost, seconds, b
     from upfeat.viz import pca_panels, save_grid
 
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    fast, ref = rows["implicit fast"], rows["implicit reference"]
-    speed = mean(ref["times"]) / mean(fast["times"][:n_ref])
+    fast, ref = rows["implicit fast"], rows.get("implicit reference")
+    speed = mean(ref["times"]) / mean(fast["times"][:n_ref]) if ref else None
     fast_cpu = mean(fast["cpu"]) if None not in fast["cpu"] else float("nan")
     speed_cpu = ref_cost["cpu_seconds"] / fast_cpu
     out = {"size": list(size), "images": [s.name for s in samples], "ref_images": n_ref,
            "train_images": args.train_images, "threads": torch.get_num_threads(),
            "speedup_wall": speed, "speedup_cpu": speed_cpu,
            "reference_extrapolated": ref_cost,
-           "per_image_seconds": {"fast": fast["times"], "reference": ref["times"]},
-           "per_image_cpu_seconds": {"fast": fast["cpu"], "reference": ref["cpu"]},
+           "per_image_seconds": {"fast": fast["times"], "reference": ref and ref["times"]},
+           "per_image_cpu_seconds": {"fast": fast["cpu"], "reference": ref and ref["cpu"]},
            "schedules": {k: get_schedule(k).to_dict() for k in ("fast", "reference")},
            "rows": results, "notes": notes, "run_seconds": seconds}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -225,20 +317,22 @@ def write(args, size, samples, n_ref, rows, results, notes, ref_cost, seconds, b
     pct = lambda r, k: f"{r[k]['miou'] * 100:.2f}" if k in r else "–"  # noqa: E731
     lines = [f"CamVid val, {size[0]}x{size[1]}, vits14_focus; N = {len(samples)} images, "
              f"reference on the first R = {n_ref}; 1 thread on a shared 2-core CPU.", "",
-             "| row | images | s / image | mIoU A (N) | mIoU A (R) | mIoU B (N) | mIoU B (R) |",
-             "|---|---|---|---|---|---|---|"]
+             "| row | images | s / image | mIoU C (N) | mIoU A (N) | mIoU A (R) | mIoU B (N) "
+             "| mIoU B (R) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         t = r["seconds_per_image"]
         lines.append(f"| {r['row']} | {r['images']} | {'–' if t is None else f'{t:.1f}'} | "
-                     f"{pct(r, 'A_N')} | {pct(r, 'A_R')} | {pct(r, 'B_N')} | {pct(r, 'B_R')} |")
-    lines += ["", f"Wall time, reference / fast on the same {n_ref} images: {speed:.1f}x. CPU time "
-              f"(less sensitive to the other jobs): fast {fast_cpu:.1f} s per image (measured), "
-              f"reference {ref_cost['cpu_seconds']:.0f} s (extrapolated from 100 views and 60 "
+                     f"{pct(r, 'C_N')} | {pct(r, 'A_N')} | {pct(r, 'A_R')} | {pct(r, 'B_N')} | "
+                     f"{pct(r, 'B_R')} |")
+    wall = (f"Wall time, reference / fast on the same {n_ref} images: {speed:.1f}x. "
+            if speed else "")
+    lines += ["", f"{wall}CPU time (less sensitive to the other jobs): fast {fast_cpu:.1f} s per "
+              f"image (measured), reference {ref_cost['cpu_seconds']:.0f} s (extrapolated from 100 views and 60 "
               f"steps of it in this run): {speed_cpu:.1f}x.", *notes]
     (args.out / "implicit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     grid = []
-    for i in range(min(2, n_ref)):
+    for i in range(min(2, len(samples))):
         img = samples[i].image
         with torch.no_grad():
             low = bb(img[None])[0]

@@ -196,6 +196,7 @@ def implicit(
     schedule: Annotated[str, typer.Option(help="fast (default) or reference (the authors' 3000 views, 1200 steps x 10 views).")] = "fast",
     steps: Annotated[Optional[int], typer.Option(help="Override the schedule's optimiser steps.", show_default=False)] = None,
     views: Annotated[Optional[int], typer.Option(help="Override the schedule's views per step.", show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option(help="Upsampler whose output the network corrects: none (the authors' network alone), bilinear, jbu (the shipped <backbone>_jbu, else bilinear), or an `upfeat train` checkpoint. Default: the schedule's (fast: jbu, reference: none).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the views, projections and initialisation.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -208,14 +209,15 @@ def implicit(
     t0 = time.perf_counter()
     try:
         field = fit_file(image, backbone, out, size=size, viz=viz, schedule=schedule,
-                         steps=steps, views=views, seed=seed, progress=progress)
+                         steps=steps, views=views, seed=seed, progress=progress, base=base)
     except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
         typer.echo(f"error: {' '.join(str(e).split())}", err=True)
         raise typer.Exit(2) from None
     s = field.meta["schedule"]
     H, W = field.image_size
     typer.echo(f"{image} ({H}x{W}): {s['name']} schedule, {s['pool']} backbone views, "
-               f"{s['steps']} steps x {s['views']} views in {time.perf_counter() - t0:.1f} s "
+               f"{s['steps']} steps x {s['views']} views on the {field.meta['base']} base in "
+               f"{time.perf_counter() - t0:.1f} s "
                f"-> {out}" + (f", {viz}" if viz else ""))
 
 

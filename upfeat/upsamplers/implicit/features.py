@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..._checks import ShapeError, check_floating, check_shape
@@ -84,15 +85,19 @@ class ImplicitFeatures(nn.Module):
     """
 
     def __init__(self, mlp: ImplicitMLP, pca: FeaturePCA, image: torch.Tensor,
-                 meta: dict | None = None) -> None:
+                 meta: dict | None = None, base: torch.Tensor | None = None) -> None:
         super().__init__()
         check_shape(image, ["1", "3", "H", "W"], "image")
         if image.shape[:2] != (1, 3):
             raise ShapeError(f"image must have shape (1, 3, H, W), got {tuple(image.shape)}")
         if mlp.fc3.out_features != pca.k:
             raise ShapeError(f"mlp outputs {mlp.fc3.out_features} codes but the PCA has {pca.k}")
+        if base is not None and tuple(base.shape) != (1, pca.k, *image.shape[-2:]):
+            raise ShapeError(f"base must be codes of shape (1, {pca.k}, {image.shape[-2]}, "
+                             f"{image.shape[-1]}), got {tuple(base.shape)}")
         self.mlp, self.pca = mlp, pca
         self.register_buffer("image", image.detach().clone())
+        self.register_buffer("base", None if base is None else base.detach().clone())
         flat = image.detach().flatten(2)[0]
         # Colours are min-max scaled per channel to [-0.5, 0.5] over the *fitted* image (as
         # FeatUp); keeping lo/hi fixed makes queries at other sizes use the same mapping.
@@ -122,6 +127,21 @@ class ImplicitFeatures(nn.Module):
         rgb = (rgb - self.colour_lo) / (self.colour_hi - self.colour_lo).clamp_min(1e-4) - 0.5
         return torch.cat([grid, rgb], 1)
 
+    def base_codes(self, xy: torch.Tensor) -> torch.Tensor | None:
+        """The base map's codes ``(N, k)`` at pixel coords ``(N, 2)`` (bilinear), or ``None``."""
+        if self.base is None:
+            return None
+        g = to_normalised(xy.to(self.base.dtype), self.image_size).view(1, 1, -1, 2)
+        out = F.grid_sample(self.base, g, mode="bilinear", padding_mode="border",
+                            align_corners=False)
+        return out[0, :, 0].T
+
+    def codes(self, xy: torch.Tensor) -> torch.Tensor:
+        """PCA codes ``(N, k)`` at pixel coords ``(N, 2)``: the network (+ the base map)."""
+        out = self.mlp(self.inputs(xy))
+        b = self.base_codes(xy)
+        return out if b is None else out + b
+
     @torch.no_grad()
     def query_points(self, xy: torch.Tensor) -> torch.Tensor:
         """Features ``(N, C)`` at ``(x, y)`` pixel coordinates ``(N, 2)`` of the fitted image."""
@@ -133,7 +153,7 @@ class ImplicitFeatures(nn.Module):
         if not torch.isfinite(xy).all():
             raise ValueError("xy holds non-finite coordinates")
         xy = xy.to(self.image.device)
-        return torch.cat([self.pca.decode(self.mlp(self.inputs(xy[i:i + CHUNK])))
+        return torch.cat([self.pca.decode(self.codes(xy[i:i + CHUNK]))
                           for i in range(0, xy.shape[0], CHUNK)] or [xy.new_zeros(0, self.dim)])
 
     @torch.no_grad()
@@ -143,7 +163,7 @@ class ImplicitFeatures(nn.Module):
         xy = pixel_centres((h, w), self.image_size, self.image.device)
         out = self.image.new_empty(self.dim, h * w)
         for i in range(0, h * w, CHUNK):  # fill in place: no (N, C) concatenation copy
-            out[:, i:i + CHUNK] = self.pca.decode(self.mlp(self.inputs(xy[i:i + CHUNK]))).T
+            out[:, i:i + CHUNK] = self.pca.decode(self.codes(xy[i:i + CHUNK])).T
         return out.view(1, self.dim, h, w)
 
     def forward(self, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -174,6 +194,6 @@ class ImplicitFeatures(nn.Module):
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: incomplete implicit-features file ({e})") from None
         extra = {k: v for k, v in meta.items() if k not in ("mlp", "image_size", "dim", "pca_dim")}
-        out = cls(mlp, pca, image, extra)
+        out = cls(mlp, pca, image, extra, tensors.get("base"))
         load_module_state(out, tensors, "implicit features", path)
         return out.to(map_location).eval()

@@ -11,6 +11,9 @@
    ``proj_dim``-dim subspace, projected *before* warping (warp and pooling act per channel, so
    this is the projected loss at ``proj_dim / k`` of the cost; as :mod:`upfeat.train.objective`).
    The ``coarse`` part of the steps runs on a half-resolution grid with half the stride.
+4. Base (``schedule.base`` or ``base=``): the network's codes are added to the PCA codes of another
+   upsampler's output for the un-jittered image (e.g. the shipped JBU), and its last layer starts at
+   zero, so the fit starts from that output and learns a per-image correction.
 """
 from __future__ import annotations
 
@@ -54,10 +57,36 @@ def resolve_backbone(backbone: object) -> torch.nn.Module:
     return backbone
 
 
+def base_upsampler(kind: str, backbone: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
+    """The upsampler a schedule's ``base`` names for ``backbone``, and its label."""
+    from ...model import PRETRAINED, check_backbone, load_upsampler
+    from .. import create_upsampler
+    if kind == "none":
+        return None, "none"
+    name = f"{getattr(getattr(backbone, 'cfg', None), 'name', None)}_jbu"
+    if kind == "jbu" and name in PRETRAINED:
+        up, meta = load_upsampler(name)
+        check_backbone(meta, backbone, name)
+        return up, name
+    return create_upsampler("bilinear", dim=backbone.dim, stride=backbone.stride), "bilinear"
+
+
+@torch.no_grad()
+def _base_codes(up: torch.nn.Module, bb: torch.nn.Module, img: torch.Tensor,
+                pca) -> torch.Tensor:
+    """``(1, k, H, W)`` PCA codes of ``up``'s output for the un-jittered image."""
+    out = up(bb(img).float(), img)
+    if tuple(out.shape) != (1, bb.dim, *img.shape[-2:]):
+        raise ValueError(f"base upsampler gave {tuple(out.shape)}, expected "
+                         f"{(1, bb.dim, *img.shape[-2:])} (backbone features at image size)")
+    return pca.encode(out.float())
+
+
 def fit_implicit(image: torch.Tensor, backbone: torch.nn.Module | str, *,
                  schedule: str | Schedule = "fast", pca_dim: int = 128, steps: int | None = None,
                  views: int | None = None, seed: int = 0, progress: bool = True,
-                 init: ImplicitFeatures | None = None) -> ImplicitFeatures:
+                 init: ImplicitFeatures | None = None,
+                 base: torch.nn.Module | None = None) -> ImplicitFeatures:
     """Fit FeatUp's implicit upsampler to one image.
 
     Args:
@@ -72,6 +101,10 @@ def fit_implicit(image: torch.Tensor, backbone: torch.nn.Module | str, *,
         progress: show progress bars.
         init: a fitted field to start from: its network (weights, frequencies, width) and PCA
             basis are reused, e.g. to refine a fast fit or to fit the next frame of a video.
+            A network fitted without a base continues without one; one fitted on a base
+            continues on this image's base (the schedule's, or ``base``).
+        base: an upsampler ``(lr (1, C, h, w), image (1, 3, H, W)) -> (1, C, H, W)`` whose output
+            the network corrects, instead of the one the schedule's ``base`` names.
 
     Returns:
         :class:`ImplicitFeatures` in eval mode; ``.meta["fit"]`` holds timings and final losses.
@@ -100,20 +133,30 @@ def fit_implicit(image: torch.Tensor, backbone: torch.nn.Module | str, *,
     pca, thetas, targets = view_pool(img, bb, pool, sched.pca_views, pca_dim,
                                      None if init is None else init.pca.to(dev), progress)
     t1, c1 = time.perf_counter(), time.process_time()
+    if init is not None and init.base is None:
+        base, base_name = None, "none"  # its network was fitted alone: continue without a base
+    elif base is None:
+        base, base_name = base_upsampler(sched.base, bb)
+    else:
+        base_name = type(base).__name__
+    codes = None if base is None else _base_codes(base.to(dev).eval(), bb, img, pca)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if init is None:
             mlp = ImplicitMLP(pca.k, sched.n_freqs, sched.hidden, sched.dropout, sched.log_max)
+            if codes is not None:  # start exactly at the base output
+                torch.nn.init.zeros_(mlp.fc3.weight)
+                torch.nn.init.zeros_(mlp.fc3.bias)
         else:  # continue from its network (its frequencies and width too)
             mlp = copy.deepcopy(init.mlp)
             mlp.dropout = sched.dropout
-        field = ImplicitFeatures(mlp, pca, img).to(dev).train()
+        field = ImplicitFeatures(mlp, pca, img, base=codes).to(dev).train()
         last = train(field, bb.stride, thetas, targets, sched, g, progress)
     field.eval()
     t2, c2 = time.perf_counter(), time.process_time()
     name = getattr(getattr(bb, "cfg", None), "name", type(bb).__name__)
     field.meta = {"backbone": {"name": name, "stride": bb.stride, "dim": bb.dim},
-                  "schedule": sched.to_dict(), "seed": seed,
+                  "schedule": sched.to_dict(), "seed": seed, "base": base_name,
                   "fit": {"seconds": {"views": t1 - t0, "steps": t2 - t1, "total": t2 - t0},
                           # CPU time of this process: less sensitive to other jobs on the machine
                           "cpu_seconds": {"views": c1 - c0, "steps": c2 - c1, "total": c2 - c0},

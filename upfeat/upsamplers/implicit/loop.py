@@ -31,15 +31,16 @@ class _Level:
     size: tuple[int, int]
     down: Downsampler
     jitter: bool
-    cached: tuple[torch.Tensor, torch.Tensor] | None = None  # inputs (N, 5), angles (N, 5F)
+    cached: tuple | None = None  # inputs (N, 5), angles (N, 5F), base codes (N, k) or None
 
-    def inputs(self, field: ImplicitFeatures, thetas: torch.Tensor,
-               g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Network inputs, their angles and the views' affines for this step's grid."""
+    def inputs(self, field: ImplicitFeatures, thetas: torch.Tensor, g: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Network inputs, their angles, the base map's codes and the views' affines for this
+        step's grid."""
         if not self.jitter:
             if self.cached is None:
                 x = field.inputs(self.xy)
-                self.cached = (x, field.mlp.encoding.angles(x))
+                self.cached = (x, field.mlp.encoding.angles(x), field.base_codes(self.xy))
             return (*self.cached, thetas)
         (H, W), (h, w) = field.image_size, self.size
         cell = torch.tensor([W / w, H / h], dtype=self.xy.dtype)
@@ -48,7 +49,7 @@ class _Level:
         # The grid's pixel j now shows image point u_j + shift: sample it at (source - shift).
         thetas = thetas.clone()
         thetas[:, :, 2] -= shift * 2 / torch.tensor([W, H], dtype=shift.dtype, device=shift.device)
-        return x, field.mlp.encoding.angles(x), thetas
+        return x, field.mlp.encoding.angles(x), field.base_codes(self.xy + shift), thetas
 
 
 def _levels(field: ImplicitFeatures, stride: int, sched: Schedule) -> list[_Level]:
@@ -122,13 +123,15 @@ def _loss(field: ImplicitFeatures, level: _Level, crit: MultiViewLoss, thetas: t
           g: torch.Generator) -> dict[str, torch.Tensor]:
     """Multi-view loss of ``V`` views (``thetas (V, 2, 3)``, ``targets (V, k, h', w')``) + TV."""
     mlp, (h, w), k = field.mlp, level.size, field.pca.k
-    x, angles, thetas = level.inputs(field, thetas, g)
+    x, angles, base, thetas = level.inputs(field, thetas, g)
     hid = mlp.hidden(x, angles)                                     # (h*w, hidden)
     # Project the last layer instead of its output (c (+ 1) columns instead of k): the random
     # projection and the attention downsampler's saliency are both linear maps of the codes.
     sal = getattr(level.down, "saliency", None)
     m = proj if sal is None else torch.cat([proj, sal.weight.view(1, k).T], 1)
     z = torch.addmm(mlp.fc3.bias @ m, hid, mlp.fc3.weight.T @ m)   # (h*w, c [+ 1])
+    if base is not None:
+        z = z + base @ m
     c = proj.shape[1]
     z = z.T.reshape(1, m.shape[1], h, w)
     zv = warp(z, thetas)                                            # (V, c [+ 1], h, w)

@@ -7,14 +7,17 @@ from pathlib import Path
 import torch
 
 from ...io import load_image, to_tensor
+from ...model import check_backbone, load_upsampler
 from .features import ImplicitFeatures
 from .fit import fit_implicit, resolve_backbone
+from .schedules import get_schedule
 
 
 def fit_file(image: str | os.PathLike[str], backbone: str, out: str | os.PathLike[str], *,
              size: tuple[int, int] | None = None, viz: str | os.PathLike[str] | None = None,
              schedule: str = "fast", steps: int | None = None, views: int | None = None,
-             pca_dim: int = 128, seed: int = 0, progress: bool = True) -> ImplicitFeatures:
+             pca_dim: int = 128, seed: int = 0, progress: bool = True,
+             base: str | None = None) -> ImplicitFeatures:
     """Fit the implicit upsampler to an image file and write ``out`` (+ ``<stem>.json``).
 
     Args:
@@ -23,6 +26,9 @@ def fit_file(image: str | os.PathLike[str], backbone: str, out: str | os.PathLik
         size: resize the image to ``(H, W)`` first (bilinear, antialiased).
         viz: also write a PNG: image | low-res features | implicit features (one PCA).
         schedule, steps, views, pca_dim, seed, progress: see :func:`fit_implicit`.
+        base: the upsampler the network corrects, instead of the schedule's: ``none``,
+            ``bilinear``, ``jbu`` (the shipped ``<backbone>_jbu``, else bilinear), or an
+            ``upfeat train`` checkpoint (file or run folder) for this backbone.
 
     Raises:
         FileNotFoundError, upfeat.io.ImageReadError, ValueError: bad inputs (one-line messages).
@@ -37,9 +43,20 @@ def fit_file(image: str | os.PathLike[str], backbone: str, out: str | os.PathLik
     if min(x.shape[-2:]) < bb.stride:
         raise ValueError(f"image {tuple(x.shape[-2:])} (H, W) is smaller than the backbone "
                          f"stride {bb.stride}; use --size to enlarge it")
-    field = fit_implicit(x, bb, schedule=schedule, steps=steps, views=views, pca_dim=pca_dim,
-                         seed=seed, progress=progress)
+    sched, up = get_schedule(schedule), None
+    if base in ("none", "bilinear", "jbu"):
+        sched = sched.replace(base=base)
+    elif base is not None:
+        if not Path(base).exists():
+            raise ValueError(f"base must be none, bilinear, jbu or an `upfeat train` checkpoint "
+                             f"(file or run folder), got {base!r}")
+        up, meta = load_upsampler(base)
+        check_backbone(meta, bb, base)
+    field = fit_implicit(x, bb, schedule=sched, steps=steps, views=views, pca_dim=pca_dim,
+                         seed=seed, progress=progress, base=up)
     field.meta["source"] = str(image)
+    if up is not None:
+        field.meta["base"] = str(base)
     field.save(out)
     if viz is not None:
         save_viz(field, bb, viz)
