@@ -2,6 +2,10 @@
 
     python benchmarks/bench_implicit.py --estimate   # time one image per schedule, predict the run
     python benchmarks/bench_implicit.py              # fit (cached), probe, write results
+    # the README's run: fits on both cores first, then the table
+    python benchmarks/bench_implicit.py --ablation --fit-shard 0/2 &
+    python benchmarks/bench_implicit.py --ablation --fit-shard 1/2; wait
+    python benchmarks/bench_implicit.py --ablation
 
 Data: ``--images`` (N, default 8) evenly spaced CamVid val images, resized to ``--height`` (112)
 pixels high and the multiple of 14 closest to the aspect ratio in width (112 x 154, 8 x 11 tokens
@@ -12,10 +16,11 @@ reference is made on those R images (paired). Fits are cached (``--cache``, one 
 image and schedule, with the wall time measured when it was fitted), so the run can be split.
 
 Rows: ``bilinear``; ``jbu`` (``upfeat.load("vits14_focus_jbu")``, skipped with the reason when it
-cannot be loaded); ``implicit fast``; ``implicit reference``. Time per image = wall time of
-``fit_implicit`` (backbone views + optimisation) with one thread (``OMP_NUM_THREADS=1``) on a
-2-core machine shared with other jobs, so absolute times are inflated; both schedules ran under
-the same conditions.
+cannot be loaded); ``implicit fast`` (on the JBU's output, its default base); ``implicit
+reference``; with ``--ablation``, ``implicit fast, no base`` and ``implicit fast, bilinear base``
+(probes A and B only). Time per image = wall time of ``fit_implicit`` (backbone views + base +
+optimisation) with one thread (``OMP_NUM_THREADS=1``) on a 2-core machine shared with other jobs,
+so absolute times are inflated; both schedules ran under the same conditions.
 
 Three probe protocols (mIoU over the pooled confusion matrix; 11 classes, void ignored):
 
@@ -331,14 +336,14 @@ def write(args, size, samples, n_ref, rows, results, notes, ref_cost, seconds, b
               f"steps of it in this run): {speed_cpu:.1f}x.", *notes]
     (args.out / "implicit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    grid = []
+    grid, shown = [], [k for k in rows if k not in ABLATION]
     for i in range(min(2, len(samples))):
         img = samples[i].image
         with torch.no_grad():
             low = bb(img[None])[0]
-        ups = [rows[k]["feats"][i][0] for k in rows]
+        ups = [rows[k]["feats"][i][0] for k in shown]
         grid.append(pca_panels(img, low, ups, bb.stride))
-    save_grid(grid, args.out / "implicit.png", titles=["image", "low-res", *rows])
+    save_grid(grid, args.out / "implicit.png", titles=["image", "low-res", *shown])
 
 
 if __name__ == "__main__":
