@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import upfeat
 from upfeat.backbones import wrap
-from upfeat.checkpoint import CheckpointError, save_checkpoint
+from upfeat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from upfeat.cli import app
 from upfeat.upsamplers import create_upsampler
 from upfeat.upsamplers.implicit import (REFERENCE, ImplicitFeatures, fit_implicit, get_schedule)
@@ -161,8 +161,10 @@ def test_fit_on_a_base_improves_it(synthetic, fitted_on_base, tmp_path):
     # 400 (without a base: 0.004; the correction has to undo the base's blur first).
     assert err_implicit < 0.6 * err_bilinear, (err_implicit, err_bilinear)
     assert fitted_on_base.meta["base"] == "bilinear" and fitted_on_base.base is not None
-    loaded = ImplicitFeatures.load(fitted_on_base.save(tmp_path / "f.safetensors"))
-    assert torch.equal(loaded.base, fitted_on_base.base)
+    path = fitted_on_base.save(tmp_path / "f.safetensors")
+    assert load_checkpoint(path)[0]["base"].dtype == torch.float16  # half the size, exactly:
+    loaded = ImplicitFeatures.load(path)
+    assert loaded.base.dtype == torch.float32 and torch.equal(loaded.base, fitted_on_base.base)
     assert torch.equal(loaded.query((20, 33)), fitted_on_base.query((20, 33)))
 
 
@@ -172,8 +174,9 @@ def test_base_arguments(synthetic):
     # "jbu" without a shipped checkpoint for this backbone: bilinear, and the field says so
     f = fit_implicit(img, backbone, schedule=sched.replace(base="jbu"), progress=False)
     assert f.meta["base"] == "bilinear"
-    assert fit_implicit(img, backbone, schedule=sched.replace(base="none"),
-                        progress=False).base is None
+    assert fit_implicit(img, backbone, schedule=sched, base="none", progress=False).base is None
+    with pytest.raises(TypeError, match="base must be"):
+        fit_implicit(img, backbone, schedule=sched, base=3, progress=False)
     with pytest.raises(ValueError, match="schedule base must be"):
         sched.replace(base="bicubic")
     with pytest.raises(ValueError, match=r"base upsampler gave \(1, 8, 6, 8\)"):

@@ -97,7 +97,8 @@ class ImplicitFeatures(nn.Module):
                              f"{image.shape[-1]}), got {tuple(base.shape)}")
         self.mlp, self.pca = mlp, pca
         self.register_buffer("image", image.detach().clone())
-        self.register_buffer("base", None if base is None else base.detach().clone())
+        self.register_buffer("base", None if base is None else base.detach().to(image.dtype,
+                                                                                   copy=True))
         flat = image.detach().flatten(2)[0]
         # Colours are min-max scaled per channel to [-0.5, 0.5] over the *fitted* image (as
         # FeatUp); keeping lo/hi fixed makes queries at other sizes use the same mapping.
@@ -175,7 +176,10 @@ class ImplicitFeatures(nn.Module):
         meta = {"format": FORMAT, "version": VERSION, "mlp": self.mlp.config(),
                 "image_size": list(self.image_size), "dim": self.dim, "pca_dim": self.pca.k,
                 **{k: v for k, v in self.meta.items() if k not in ("format", "version")}}
-        return save_checkpoint(path, self.state_dict(), meta, sidecar=True)
+        state = self.state_dict()
+        if self.base is not None and torch.equal(self.base.half().to(self.base.dtype), self.base):
+            state["base"] = self.base.half()  # exact at half the size (fit_implicit rounds it)
+        return save_checkpoint(path, state, meta, sidecar=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str],

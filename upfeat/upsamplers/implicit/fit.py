@@ -74,19 +74,20 @@ def base_upsampler(kind: str, backbone: torch.nn.Module) -> tuple[torch.nn.Modul
 @torch.no_grad()
 def _base_codes(up: torch.nn.Module, bb: torch.nn.Module, img: torch.Tensor,
                 pca) -> torch.Tensor:
-    """``(1, k, H, W)`` PCA codes of ``up``'s output for the un-jittered image."""
+    """``(1, k, H, W)`` PCA codes of ``up``'s output for the un-jittered image, rounded to float16
+    values: the saved field stores them at half the size, exactly."""
     out = up(bb(img).float(), img)
     if tuple(out.shape) != (1, bb.dim, *img.shape[-2:]):
         raise ValueError(f"base upsampler gave {tuple(out.shape)}, expected "
                          f"{(1, bb.dim, *img.shape[-2:])} (backbone features at image size)")
-    return pca.encode(out.float())
+    return pca.encode(out.float()).half().float()
 
 
 def fit_implicit(image: torch.Tensor, backbone: torch.nn.Module | str, *,
                  schedule: str | Schedule = "fast", pca_dim: int = 128, steps: int | None = None,
                  views: int | None = None, seed: int = 0, progress: bool = True,
                  init: ImplicitFeatures | None = None,
-                 base: torch.nn.Module | None = None) -> ImplicitFeatures:
+                 base: str | torch.nn.Module | None = None) -> ImplicitFeatures:
     """Fit FeatUp's implicit upsampler to one image.
 
     Args:
@@ -103,8 +104,9 @@ def fit_implicit(image: torch.Tensor, backbone: torch.nn.Module | str, *,
             basis are reused, e.g. to refine a fast fit or to fit the next frame of a video.
             A network fitted without a base continues without one; one fitted on a base
             continues on this image's base (the schedule's, or ``base``).
-        base: an upsampler ``(lr (1, C, h, w), image (1, 3, H, W)) -> (1, C, H, W)`` whose output
-            the network corrects, instead of the one the schedule's ``base`` names.
+        base: instead of the schedule's ``base``: ``"none"``, ``"bilinear"``, ``"jbu"``, or an
+            upsampler ``(lr (1, C, h, w), image (1, 3, H, W)) -> (1, C, H, W)`` whose output the
+            network corrects.
 
     Returns:
         :class:`ImplicitFeatures` in eval mode; ``.meta["fit"]`` holds timings and final losses.
@@ -118,6 +120,11 @@ def fit_implicit(image: torch.Tensor, backbone: torch.nn.Module | str, *,
     img = _as_image(image)
     bb = resolve_backbone(backbone).eval()
     sched = get_schedule(schedule).replace(steps=steps, views=views)
+    if isinstance(base, str):
+        sched, base = sched.replace(base=base), None
+    elif base is not None and not isinstance(base, torch.nn.Module):
+        raise TypeError(f"base must be 'none', 'bilinear', 'jbu' or an upsampler module, got "
+                        f"{type(base).__name__}")
     if not (isinstance(pca_dim, int) and not isinstance(pca_dim, bool) and pca_dim >= 1):
         raise ValueError(f"pca_dim must be an int >= 1, got {pca_dim!r}")
     if init is not None and not isinstance(init, ImplicitFeatures):

@@ -10,7 +10,6 @@ from ...io import load_image, to_tensor
 from ...model import check_backbone, load_upsampler
 from .features import ImplicitFeatures
 from .fit import fit_implicit, resolve_backbone
-from .schedules import get_schedule
 
 
 def fit_file(image: str | os.PathLike[str], backbone: str, out: str | os.PathLike[str], *,
@@ -43,19 +42,17 @@ def fit_file(image: str | os.PathLike[str], backbone: str, out: str | os.PathLik
     if min(x.shape[-2:]) < bb.stride:
         raise ValueError(f"image {tuple(x.shape[-2:])} (H, W) is smaller than the backbone "
                          f"stride {bb.stride}; use --size to enlarge it")
-    sched, up = get_schedule(schedule), None
-    if base in ("none", "bilinear", "jbu"):
-        sched = sched.replace(base=base)
-    elif base is not None:
+    up: str | torch.nn.Module | None = base
+    if base not in (None, "none", "bilinear", "jbu"):
         if not Path(base).exists():
             raise ValueError(f"base must be none, bilinear, jbu or an `upfeat train` checkpoint "
                              f"(file or run folder), got {base!r}")
         up, meta = load_upsampler(base)
         check_backbone(meta, bb, base)
-    field = fit_implicit(x, bb, schedule=sched, steps=steps, views=views, pca_dim=pca_dim,
+    field = fit_implicit(x, bb, schedule=schedule, steps=steps, views=views, pca_dim=pca_dim,
                          seed=seed, progress=progress, base=up)
     field.meta["source"] = str(image)
-    if up is not None:
+    if isinstance(up, torch.nn.Module):
         field.meta["base"] = str(base)
     field.save(out)
     if viz is not None:
