@@ -320,15 +320,17 @@ def write(args, size, samples, n_ref, rows, results, notes, ref_cost, seconds, b
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "implicit.json").write_text(json.dumps(out, indent=2) + "\n")
     pct = lambda r, k: f"{r[k]['miou'] * 100:.2f}" if k in r else "–"  # noqa: E731
+    cols = ["C_N", "A_N", "A_R", "B_N", "B_R"] if n_ref else ["C_N", "A_N", "B_N"]
+    ref_text = (f"reference on the first R = {n_ref}" if n_ref else
+                "no reference fits (--ref-images 0)")
     lines = [f"CamVid val, {size[0]}x{size[1]}, vits14_focus; N = {len(samples)} images, "
-             f"reference on the first R = {n_ref}; 1 thread on a shared 2-core CPU.", "",
-             "| row | images | s / image | mIoU C (N) | mIoU A (N) | mIoU A (R) | mIoU B (N) "
-             "| mIoU B (R) |", "|---|---|---|---|---|---|---|---|"]
+             f"{ref_text}; 1 thread on a shared 2-core CPU.", "",
+             "| row | images | s / image | " + " | ".join(
+                 f"mIoU {c[0]} ({c[2]})" for c in cols) + " |", "|---" * (3 + len(cols)) + "|"]
     for r in results:
         t = r["seconds_per_image"]
         lines.append(f"| {r['row']} | {r['images']} | {'–' if t is None else f'{t:.1f}'} | "
-                     f"{pct(r, 'C_N')} | {pct(r, 'A_N')} | {pct(r, 'A_R')} | {pct(r, 'B_N')} | "
-                     f"{pct(r, 'B_R')} |")
+                     + " | ".join(pct(r, c) for c in cols) + " |")
     wall = (f"Wall time, reference / fast on the same {n_ref} images: {speed:.1f}x. "
             if speed else "")
     lines += ["", f"{wall}CPU time (less sensitive to the other jobs): fast {fast_cpu:.1f} s per "

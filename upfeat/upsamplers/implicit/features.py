@@ -76,7 +76,8 @@ class ImplicitFeatures(nn.Module):
     to ``size``, and a grid query equals the point query at that grid's pixel centres.
 
     Attributes: ``mlp`` (:class:`ImplicitMLP`), ``pca`` (:class:`FeaturePCA`), ``image``
-    ``(1, 3, H, W)`` in [0, 1], ``meta`` (JSON: backbone, schedule, fit statistics).
+    ``(1, 3, H, W)`` in [0, 1], ``base`` ``(1, k, H, W)`` codes added to the network's (sampled
+    bilinearly, like the colours) or ``None``, ``meta`` (JSON: backbone, schedule, fit statistics).
 
     Example:
         >>> f = ImplicitFeatures.untrained(torch.rand(1, 3, 20, 30), dim=12, pca_dim=4)
