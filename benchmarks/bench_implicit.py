@@ -26,9 +26,9 @@ Three probe protocols (mIoU over the pooled confusion matrix; 11 classes, void i
 
 - **C, own probe on the train split** (the evaluation issue's protocol, :mod:`upfeat.eval.probe`:
   1500 random pixels per image, standardised, full-batch L-BFGS): per row, a probe trained on
-  that row's features of ``--own-train-images`` (K, default 16) CamVid train images (an implicit
+  that row's features of ``--own-train-images`` (T, default 16) CamVid train images (an implicit
   fit for each of them: fits are cached), tested on the N val images. The reference schedule is
-  left out (K more reference fits).
+  left out (T more reference fits).
 - **A, transfer**: the evaluation issue's probe (:mod:`upfeat.eval.probe`: 1500 random pixels per
   image, standardised, full-batch L-BFGS, 300 iterations) trained on *bilinear* features of
   ``--train-images`` (K, default 100) CamVid train images, then applied to every row's features

@@ -162,7 +162,7 @@ def test_fit_on_a_base_improves_it(synthetic, fitted_on_base, tmp_path):
     assert err_implicit < 0.6 * err_bilinear, (err_implicit, err_bilinear)
     assert fitted_on_base.meta["base"] == "bilinear" and fitted_on_base.base is not None
     path = fitted_on_base.save(tmp_path / "f.safetensors")
-    assert load_checkpoint(path)[0]["base"].dtype == torch.float16  # half the size, exactly:
+    assert load_checkpoint(path)[0]["base"].dtype == torch.float16  # half the size, and exact:
     loaded = ImplicitFeatures.load(path)
     assert loaded.base.dtype == torch.float32 and torch.equal(loaded.base, fitted_on_base.base)
     assert torch.equal(loaded.query((20, 33)), fitted_on_base.query((20, 33)))
