@@ -14,6 +14,9 @@ core (5 of them for its 3000 backbone views), so it runs on the first ``--ref-im
 default 4) of the N images only; every other row covers all N, and every comparison with the
 reference is made on those R images (paired). Fits are cached (``--cache``, one safetensors per
 image and schedule, with the wall time measured when it was fitted), so the run can be split.
+Writes ``implicit.json``, ``implicit.md`` and ``implicit.png`` (two val images, every row's
+features in PCA colours; it shows CamVid images, CC BY-NC, so git ignores it; the README's figure
+is ``benchmarks/fig_implicit.py``'s).
 
 Rows: ``bilinear``; ``jbu`` (``upfeat.load("vits14_focus_jbu")``, skipped with the reason when it
 cannot be loaded); ``implicit fast`` (on the JBU's output, its default base); ``implicit
