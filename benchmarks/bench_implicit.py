@@ -57,7 +57,7 @@ import torch
 
 import upfeat
 from upfeat.checkpoint import CheckpointError
-from upfeat.eval.datasets import Sample, auto_size, camvid, subset
+from upfeat.eval.datasets import PixelDataset, Sample, auto_size, camvid, subset
 from upfeat.eval.metrics import SegMeter
 from upfeat.eval.probe import ProbeConfig, fit_probe, sample_pixels
 from upfeat.upsamplers import create_upsampler
@@ -95,10 +95,11 @@ def compatible(cached: dict, want: dict) -> bool:
     return {**defaults, **cached} == want
 
 
-def probe_own_train(feats: Callable[[Sample], torch.Tensor], train: list[Sample],
-                    val_feats: list[torch.Tensor], val: list[Sample], ncls: int,
-                    void: int) -> dict:
-    """Probe C: trained on this row's features of the train images, tested on the val images."""
+def probe_own_train(feats: Callable[[Sample], torch.Tensor], train_set: PixelDataset,
+                    train: list[Sample], val_feats: list[torch.Tensor], val: list[Sample],
+                    ncls: int, void: int) -> dict:
+    """Probe C: trained on this row's features of the train images (``train_set``, loaded as
+    ``train``), tested on the val images."""
     queue = iter(train)
 
     def by_image(image: torch.Tensor) -> torch.Tensor:
@@ -106,24 +107,9 @@ def probe_own_train(feats: Callable[[Sample], torch.Tensor], train: list[Sample]
         assert torch.equal(image[0], s.image), "train images out of order"
         return feats(s)
 
-    x, y = sample_pixels(by_image, ListDataset(train, void), ProbeConfig())
+    x, y = sample_pixels(by_image, train_set, ProbeConfig())
     probe, _ = fit_probe(x, y, ProbeConfig(), ncls)
     return probe_transfer(probe, val_feats, val, ncls, void)
-
-
-@dataclasses.dataclass
-class ListDataset:
-    """Samples in memory, with the attributes :func:`sample_pixels` reads."""
-
-    samples: list[Sample]
-    ignore_index: int
-    name: str = "CamVid train"
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __iter__(self):
-        return iter(self.samples)
 
 
 def checkerboard(h: int, w: int) -> torch.Tensor:
@@ -197,12 +183,17 @@ def main() -> None:
     val = subset(camvid(DATA, "val", size), args.images)
     samples = [val[i] for i in range(len(val))]
     n_ref = min(args.ref_images, len(samples))
-    own_train = subset(camvid(DATA, "train", size), args.own_train_images)
-    own_train = [own_train[i] for i in range(len(own_train))]
+    own_train_set = subset(camvid(DATA, "train", size), args.own_train_images)
+    own_train = [own_train_set[i] for i in range(len(own_train_set))]
     if args.estimate:
         return estimate(samples, bb, n_ref)
     if args.fit_shard:
-        i, n = map(int, args.fit_shard.split("/"))
+        try:
+            i, n = map(int, args.fit_shard.split("/"))
+        except ValueError:
+            i, n = -1, 0
+        if not 0 <= i < n:
+            ap.error(f"--fit-shard must be I/S with 0 <= I < S, e.g. 0/2, got {args.fit_shard!r}")
         jobs = [(s, "fast", None) for s in samples + own_train]
         if args.ablation:
             jobs += [(s, get_schedule("fast").replace(**changes), tag)
@@ -229,7 +220,8 @@ def main() -> None:
         res = {"row": name, "images": n, "seconds_per_image": r.get("seconds"),
                "cpu_seconds_per_image": r.get("cpu_mean")}
         if name in row_fn:
-            res["C_N"] = probe_own_train(row_fn[name], own_train, r["feats"], samples, ncls, void)
+            res["C_N"] = probe_own_train(row_fn[name], own_train_set, own_train, r["feats"],
+                                         samples, ncls, void)
         for key, (fs, ss) in subsets.items():
             res[f"A_{key}"] = probe_transfer(probe, fs, ss, ncls, void)
             res[f"B_{key}"] = probe_own(fs, ss, ncls, void)

@@ -10,6 +10,7 @@ from ...io import load_image, to_tensor
 from ...model import check_backbone, load_upsampler
 from .features import ImplicitFeatures
 from .fit import fit_implicit, resolve_backbone
+from .schedules import BASES
 
 
 def fit_file(image: str | os.PathLike[str], backbone: str, out: str | os.PathLike[str], *,
@@ -43,7 +44,7 @@ def fit_file(image: str | os.PathLike[str], backbone: str, out: str | os.PathLik
         raise ValueError(f"image {tuple(x.shape[-2:])} (H, W) is smaller than the backbone "
                          f"stride {bb.stride}; use --size to enlarge it")
     up: str | torch.nn.Module | None = base
-    if base not in (None, "none", "bilinear", "jbu"):
+    if base is not None and base not in BASES:
         if not Path(base).exists():
             raise ValueError(f"base must be none, bilinear, jbu or an `upfeat train` checkpoint "
                              f"(file or run folder), got {base!r}")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from ..._checks import unknown_name
 from ...lr import warmup_cosine
 
+BASES = ("none", "bilinear", "jbu")  # what Schedule.base may name
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -85,7 +87,7 @@ class Schedule:
         if self.downsampler not in ("attention", "simple"):
             raise ValueError(f"schedule downsampler must be 'attention' or 'simple', got "
                              f"{self.downsampler!r}")
-        if self.base not in ("none", "bilinear", "jbu"):
+        if self.base not in BASES:
             raise ValueError(f"schedule base must be 'none', 'bilinear' or 'jbu', got "
                              f"{self.base!r}")
         if self.decay not in ("constant", "cosine"):
