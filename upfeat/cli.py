@@ -32,9 +32,11 @@ def _json_dict(text: Optional[str], option: str) -> Optional[dict]:
 def train(
     data: Annotated[Optional[list[Path]], typer.Option(help="Image folder(s)/file(s), searched recursively; repeat for several.")] = None,
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, model.safetensors, metrics.csv, loss.png.")] = Path("runs/jbu"),
-    backbone: Annotated[Optional[str], typer.Option(help="Registered backbone name or timm:<name>.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Registered backbone name or timm:<name>; with --objective scale, a comma-separated list (one per step, in turn).")] = None,
     backbone_args: Annotated[Optional[str], typer.Option(help="JSON keywords for the backbone, e.g. '{\"layers\": -2}'.")] = None,
-    upsampler: Annotated[Optional[str], typer.Option(help="Upsampler to train (jbu_stack, resize_conv).")] = None,
+    objective: Annotated[Optional[str], typer.Option(help="multiview (FeatUp's, default) or scale (real 2x targets; trains the backbone-agnostic jbu_any).")] = None,
+    recon_weight: Annotated[Optional[float], typer.Option(help="scale objective: weight of the image-reconstruction term.")] = None,
+    upsampler: Annotated[Optional[str], typer.Option(help="Upsampler to train (jbu_stack, resize_conv; jbu_any with --objective scale).")] = None,
     upsampler_args: Annotated[Optional[str], typer.Option(help="JSON keywords for the upsampler.")] = None,
     downsampler: Annotated[Optional[str], typer.Option(help="simple or attention.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Total optimiser steps.")] = None,
@@ -54,12 +56,16 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint (weights, optimiser, step, RNG).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train an upsampler with FeatUp's multi-view consistency loss on a folder of images."""
+    """Train an upsampler on a folder of images: FeatUp's multi-view consistency loss, or
+    (--objective scale) real 2x targets for one JBU shared by several backbones."""
     from .checkpoint import CheckpointError, read_meta
     from .train import TrainConfig, fit
     from .train.engine import CKPT, RUN_STATS
 
+    if objective == "scale" and upsampler is None:
+        upsampler = "jbu_any"
     given = {"backbone": backbone, "backbone_kwargs": _json_dict(backbone_args, "--backbone-args"),
+             "objective": objective, "recon_weight": recon_weight,
              "upsampler": upsampler, "upsampler_kwargs": _json_dict(upsampler_args, "--upsampler-args"),
              "downsampler": downsampler, "steps": steps, "batch_size": batch_size, "views": views,
              "image_size": image_size, "lr": lr, "schedule": schedule, "crf_weight": crf_weight,

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from .io import ImageReadError, load_image, to_tensor
-from .model import UpFeat, create_model, list_pretrained, resolve
+from .model import UpFeat, create_model, has_shipped_jbu
 from .viz import pca_panels
 
 __all__ = ["Demo", "DemoError", "DemoSettings", "offline_backbones", "upsampler_choices"]
@@ -64,10 +64,9 @@ def offline_backbones() -> list[str]:
 
 
 def upsampler_choices(backbone: str) -> list[str]:
-    """``nearest``, ``bilinear``, ``bicubic``, plus ``jbu`` when ``<backbone>_jbu`` is shipped."""
-    name = f"{backbone}_jbu"
-    shipped = name in list_pretrained() and resolve(name).is_file()
-    return [*BASELINES, *(["jbu"] if shipped else [])]
+    """``nearest``, ``bilinear``, ``bicubic``, plus ``jbu`` when the shipped JBU is installed
+    (it serves every backbone)."""
+    return [*BASELINES, *(["jbu"] if has_shipped_jbu() else [])]
 
 
 def _png_data_url(rgb: torch.Tensor) -> str:

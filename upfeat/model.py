@@ -1,6 +1,7 @@
 """Backbone + trained upsampler as one ``nn.Module``, and loading it by name or path.
 
-``upfeat.load("vits14_focus_jbu")`` loads a checkpoint shipped inside the package;
+``upfeat.load("vits14_focus_jbu")`` loads a checkpoint shipped inside the package
+(``upfeat.create_model(any_backbone, "jbu")`` the backbone-agnostic one, :data:`SHIPPED_JBU`);
 ``upfeat.load(path)`` any checkpoint written by ``upfeat train`` (its ``model.safetensors``, its
 run folder, or a training checkpoint ``checkpoints/last.safetensors``).
 """
@@ -20,7 +21,10 @@ from .upsamplers import Upsampler, create_upsampler
 
 _WEIGHTS = Path(__file__).parent / "weights"
 # name -> file in upfeat/weights (safetensors + a JSON sidecar with the same stem)
-PRETRAINED = {"vits14_focus_jbu": "vits14_focus_jbu.safetensors"}
+PRETRAINED = {"jbu_any": "jbu_any.safetensors", "vits14_focus_jbu": "vits14_focus_jbu.safetensors"}
+# What "jbu" means everywhere (create_model, CLI, eval, demo): one backbone-agnostic checkpoint
+# whose kernels depend on the image only, so it serves every backbone, dim and stride.
+SHIPPED_JBU = "jbu_any"
 
 
 def list_pretrained() -> list[str]:
@@ -152,11 +156,28 @@ def load_upsampler(name_or_path: str | os.PathLike[str]) -> tuple[Upsampler, dic
     return up.eval(), meta
 
 
+def shipped_jbu(backbone: nn.Module) -> Upsampler:
+    """The shipped JBU (:data:`SHIPPED_JBU`) for ``backbone``'s dim and stride, in eval mode.
+
+    Raises :class:`CheckpointError` when it is not in this install.
+    """
+    up, _ = load_upsampler(SHIPPED_JBU)
+    return up.for_backbone(backbone.dim, backbone.stride).eval()
+
+
+def has_shipped_jbu() -> bool:
+    """Whether the shipped JBU's weights are in this install."""
+    return resolve(SHIPPED_JBU).is_file()
+
+
 def load_downsampler(name_or_path: str | os.PathLike[str]) -> nn.Module:
     """The downsampler trained with a checkpoint's upsampler (for reconstruction checks)."""
     from .downsamplers import create_downsampler
     path = resolve(name_or_path)
     tensors, meta = load_checkpoint(path)
+    if "downsampler" not in meta:
+        raise CheckpointError(f"{path} has no downsampler (trained with the "
+                              f"{meta.get('train', {}).get('objective', '?')!r} objective)")
     cfg, bb = dict(meta["downsampler"]), meta["backbone"]
     down = create_downsampler(cfg.pop("name"), dim=bb["dim"], stride=bb["stride"], **cfg)
     load_module_state(down, subdict(tensors, "downsampler"), "downsampler", path)
@@ -184,7 +205,10 @@ def load(name_or_path: str | os.PathLike[str], backbone: str | nn.Module | None 
         backbone = backbones.create(meta["backbone"]["name"], **meta["backbone"].get("kwargs", {}))
     elif isinstance(backbone, str):
         backbone = backbones.create(backbone)
-    check_backbone(meta, backbone, resolve(name_or_path))
+    if getattr(up, "agnostic", False):  # one set of weights for any dim and stride
+        up = up.for_backbone(backbone.dim, backbone.stride).eval()
+    else:
+        check_backbone(meta, backbone, resolve(name_or_path))
     model = UpFeat(backbone, up, meta).eval()
     return model.to(device) if device is not None else model
 
@@ -196,8 +220,8 @@ def create_model(backbone: str | nn.Module = "vits14_focus", upsampler: str = "j
     Args:
         backbone: registered name / ``timm:<name>`` / a :class:`~upfeat.backbones.Backbone`.
         upsampler: a parameter-free upsampler (``nearest``, ``bilinear``, ``bicubic``); ``jbu``
-            (the shipped checkpoint ``<backbone>_jbu``, e.g. ``vits14_focus_jbu``); a shipped
-            name; or a checkpoint path / run folder.
+            (the shipped backbone-agnostic JBU, :data:`SHIPPED_JBU`, for any backbone); a shipped
+            name (e.g. the older ``vits14_focus_jbu``); or a checkpoint path / run folder.
     """
     from .upsamplers import list_upsamplers
     if isinstance(backbone, str):
@@ -213,11 +237,6 @@ def create_model(backbone: str | nn.Module = "vits14_focus", upsampler: str = "j
                               f"or train one with `upfeat train --upsampler {upsampler}`")
     else:
         if upsampler == "jbu":
-            upsampler = f"{bb_name}_jbu"
-            if upsampler not in PRETRAINED:
-                raise CheckpointError(f"no shipped JBU checkpoint for backbone {bb_name!r} (shipped: "
-                                      f"{', '.join(list_pretrained())}); train one with "
-                                      f"`upfeat train --backbone {bb_name} --data DIR` and pass "
-                                      f"its folder")
+            upsampler = SHIPPED_JBU
         model = load(upsampler, backbone=bb if bb is not None else bb_name)
     return model.to(device) if device is not None else model

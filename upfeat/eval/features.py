@@ -7,10 +7,12 @@ Spec forms (comma-separated lists go through :func:`split_specs`):
 - ``large_image`` / ``large_image4``: the backbone runs on the image bicubic-upscaled 2x / 4x
   (clamped to [0, 1]), giving a 2x / 4x denser feature grid, which is then bilinearly resized to
   the image size (cell-aligned, like every upsampler). Costs 4x / 16x the backbone pixels.
-- ``jbu``, ``resize_conv``: learned upsamplers from the checkpoint ``<backbone>_<name>`` (e.g.
-  the shipped ``vits14_focus_jbu``); ``NAME=CHECKPOINT`` names the checkpoint (a shipped name, a
-  ``model.safetensors`` or a run folder of ``upfeat train``), e.g. ``resize_conv=runs/rc``. An
-  untrained ``resize_conv`` equals bilinear, so it is never built implicitly.
+- ``jbu``, ``resize_conv``: learned upsamplers; ``jbu`` alone is the shipped backbone-agnostic
+  JBU (:data:`upfeat.model.SHIPPED_JBU`, any backbone), ``resize_conv`` alone the checkpoint
+  ``<backbone>_resize_conv``; ``NAME=CHECKPOINT`` names the checkpoint (a shipped name such as
+  ``vits14_focus_jbu``, a ``model.safetensors`` or a run folder of ``upfeat train``), e.g.
+  ``resize_conv=runs/rc``. An untrained ``resize_conv`` equals bilinear, so it is never built
+  implicitly.
 - ``implicit``: the per-image implicit upsampler, ``upfeat.upsamplers.implicit.fit_implicit``,
   fitted on every image it is asked for (fast schedule: ~5 CPU-minutes per 224 x 294 image);
   :class:`UpsamplerUnavailable` when that module cannot be imported.
@@ -147,6 +149,8 @@ def load_learned(ckpt: str, backbone: CachedBackbone, label: str) -> nn.Module:
     except Exception as e:  # any failure to load means "no usable checkpoint": say which and why
         raise UpsamplerUnavailable(f"{label}: checkpoint {ckpt!r} cannot be loaded: "
                                    f"{type(e).__name__}: {e}") from e
+    if getattr(up, "agnostic", False):  # kernels from the image only: any backbone
+        return _checked(up.for_backbone(backbone.dim, backbone.stride).eval(), backbone, label)
     trained = meta["backbone"]
     if trained["name"] != backbone.name or trained.get("kwargs"):
         kw = f" with {trained['kwargs']}" if trained.get("kwargs") else ""
@@ -201,5 +205,7 @@ def resolve(spec: str | nn.Module, backbone: CachedBackbone, label: str | None =
     elif name == "implicit":
         up = implicit_upsampler(backbone, label)
     else:
-        up = load_learned(ckpt or f"{backbone.name}_{name}", backbone, label).to(dev)
+        from ..model import SHIPPED_JBU  # lazy: model imports the whole package
+        default = SHIPPED_JBU if name == "jbu" else f"{backbone.name}_{name}"
+        up = load_learned(ckpt or default, backbone, label).to(dev)
     return FeatureSource(label, backbone, up, scale=LARGE.get(name, 1), spec=spec)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from ..lr import warmup_cosine
 
+OBJECTIVES = ("multiview", "scale")
+
 # Fields that may change when a run is resumed (how it runs, not what it learns).
 RUNTIME_FIELDS = frozenset({"steps", "out", "resume", "devices", "strategy", "accelerator",
                             "num_nodes", "ckpt_every", "log_every", "progress", "data"})
@@ -28,6 +30,11 @@ class TrainConfig:
     range temperature and spatial sigma) use ``lr * scalar_lr``: Adam moves a parameter by about
     ``lr`` per step, so at ``lr = 1e-3`` a sigma of 1 would need ~1000 steps just to halve.
     ``batch_size`` is per process.
+    ``objective="scale"`` trains a backbone-agnostic upsampler (``jbu_any``) on real
+    high-resolution targets instead (:mod:`upfeat.train.scale`): ``image_size`` is then the side
+    of the full crop (the upsampler sees its half-size copy), ``backbone`` may be a comma-separated
+    list (one backbone per step, in turn), ``recon_weight`` weighs the image-reconstruction term;
+    ``views``, ``downsampler`` and the multi-view loss options are unused.
     Engine: Lightning Fabric ``accelerator``/``devices``/``strategy``/``num_nodes``/``precision``.
     """
 
@@ -35,6 +42,8 @@ class TrainConfig:
     out: str = "runs/jbu"
     backbone: str = "vits14_focus"
     backbone_kwargs: dict = field(default_factory=dict)
+    objective: str = "multiview"
+    recon_weight: float = 0.0
     upsampler: str = "jbu_stack"
     upsampler_kwargs: dict = field(default_factory=dict)
     downsampler: str = "attention"
@@ -85,9 +94,19 @@ class TrainConfig:
         need(self.schedule in ("cosine", "constant"),
              f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip!r}")
+        need(self.objective in OBJECTIVES,
+             f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        need(self.objective == "scale" or "," not in self.backbone,
+             f"several backbones ({self.backbone!r}) need objective='scale'")
+        need(self.recon_weight >= 0, f"recon_weight must be >= 0, got {self.recon_weight!r}")
         if isinstance(self.data, str):
             self.data = [self.data]
         self.data = [str(d) for d in self.data]
+
+    @property
+    def backbones(self) -> list[str]:
+        """The backbone names (``backbone`` split at commas)."""
+        return [b.strip() for b in self.backbone.split(",") if b.strip()]
 
     def lr_at(self, step: int) -> float:
         """Learning rate of (0-based) ``step``: linear warm-up, then cosine to ``lr * min_lr``."""

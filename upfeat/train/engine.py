@@ -21,22 +21,29 @@ from .config import TrainConfig
 from .data import STEP, TrainImages, derive_seed
 from .log import CsvLog, plot_curve
 from .objective import MultiViewObjective
+from .scale import ScaleObjective, scale_crop, scale_targets
 from .state import optimizer_from_tensors, optimizer_to_tensors
 
 CKPT = Path("checkpoints") / "last.safetensors"
 RUN_STATS = ("step", "elapsed_s", "world_size")  # in a checkpoint's "train" JSON, not TrainConfig
+LOSSES = {"multiview": ("loss", "nll", "crf", "tv", "kernel"), "scale": ("loss", "feat", "recon")}
+PARTS = {"multiview": ("upsampler", "downsampler", "criterion"), "scale": ("upsampler",)}
 
 
-def model_meta(cfg: TrainConfig, backbone, objective: MultiViewObjective, step: int,
+def model_meta(cfg: TrainConfig, backbone, objective: torch.nn.Module, step: int,
                elapsed: float, world_size: int) -> dict:
-    """The JSON config stored with every checkpoint of this run."""
-    return {"format": "upfeat.model/1", "upfeat_version": __version__,
-            "backbone": {"name": cfg.backbone, "kwargs": cfg.backbone_kwargs,
+    """The JSON config stored with every checkpoint of this run (``backbone``: the first one)."""
+    meta = {"format": "upfeat.model/1", "upfeat_version": __version__,
+            "backbone": {"name": cfg.backbones[0], "kwargs": cfg.backbone_kwargs,
                          "dim": backbone.dim, "stride": backbone.stride},
             "upsampler": objective.upsampler.config(),
-            "downsampler": {"name": cfg.downsampler, **cfg.downsampler_kwargs},
             "train": {**cfg.to_dict(), "step": step, "elapsed_s": round(elapsed, 1),
                       "world_size": world_size}}
+    if cfg.objective == "multiview":
+        meta["downsampler"] = {"name": cfg.downsampler, **cfg.downsampler_kwargs}
+    else:
+        meta["backbones"] = cfg.backbones
+    return meta
 
 
 def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, dict | None]:
@@ -73,14 +80,18 @@ def fit(cfg: TrainConfig) -> Path:
     fabric.launch()
     out, rank, world = Path(cfg.out), fabric.global_rank, fabric.world_size
 
-    backbone = backbones.create(cfg.backbone, **cfg.backbone_kwargs).requires_grad_(False)
-    backbone = fabric.to_device(backbone.eval())
+    scale, parts, loss_keys = cfg.objective == "scale", PARTS[cfg.objective], LOSSES[cfg.objective]
+    nets = [fabric.to_device(backbones.create(name, **cfg.backbone_kwargs).requires_grad_(False).eval())
+            for name in cfg.backbones]
+    backbone = nets[0]
+    crops = [2 * scale_crop(cfg.image_size, b.stride) if scale else cfg.image_size for b in nets]
     data = TrainImages(cfg.data, max(cfg.image_size, math.ceil(cfg.image_size * cfg.resize)))
     torch.manual_seed(cfg.seed)  # parameter initialisation
-    objective = MultiViewObjective.from_config(cfg, backbone.dim, backbone.stride)
+    make = ScaleObjective if scale else MultiViewObjective
+    objective = make.from_config(cfg, backbone.dim, backbone.stride)
     start, elapsed = 0, 0.0
     if tensors is not None:
-        for name in ("upsampler", "downsampler", "criterion"):
+        for name in parts:
             load_module_state(getattr(objective, name), subdict(tensors, name), name, out / CKPT)
         start, elapsed = meta["train"]["step"], meta["train"]["elapsed_s"]
     params = list(objective.parameters())
@@ -95,8 +106,7 @@ def fit(cfg: TrainConfig) -> Path:
     def save(step: int, final: bool = False) -> None:
         if rank == 0:
             m = objective.module if hasattr(objective, "module") else objective
-            weights = {f"{n}.{k}": v for n in ("upsampler", "downsampler", "criterion")
-                       for k, v in getattr(m, n).state_dict().items()}
+            weights = {f"{n}.{k}": v for n in parts for k, v in getattr(m, n).state_dict().items()}
             info = model_meta(cfg, backbone, m, step, elapsed, world)
             opt_t, opt_j = optimizer_to_tensors(optimizer)
             save_checkpoint(out / CKPT, {**weights, **opt_t, "rng.torch": torch.get_rng_state()},
@@ -110,25 +120,29 @@ def fit(cfg: TrainConfig) -> Path:
     if rank == 0:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0 or not cfg.progress,
-               desc=f"train {cfg.upsampler} on {cfg.backbone}", dynamic_ncols=True)
+               desc=f"train {cfg.upsampler} on {cfg.backbone} ({cfg.objective})", dynamic_ncols=True)
     objective.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         seed = derive_seed(cfg.seed, STEP, step, rank)
         torch.manual_seed(seed)  # dropout etc.: a function of (seed, step, rank), so resumable
         gen = torch.Generator(device=fabric.device).manual_seed(seed)
-        image = fabric.to_device(data.batch(step, cfg.seed, cfg.batch_size, cfg.image_size, rank,
+        which = step % len(nets)  # several backbones (scale objective): one per step, in turn
+        image = fabric.to_device(data.batch(step, cfg.seed, cfg.batch_size, crops[which], rank,
                                             world))
-        views = sample_views(cfg.views, torch.Generator().manual_seed(seed), tuple(image.shape[-2:]),
-                             max_zoom=cfg.max_zoom, max_pad=cfg.max_pad)
-        with torch.no_grad():
-            lr_feats = backbone(image)
-            view_images = [apply_view(image, v) for v in views]
-            view_feats = [backbone(x) for x in view_images]
         lr = cfg.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        losses = objective(image, lr_feats, views, view_images, view_feats, gen)
+        if scale:
+            losses = objective(*scale_targets(nets[which], image), nets[which].stride)
+        else:
+            views = sample_views(cfg.views, torch.Generator().manual_seed(seed),
+                                 tuple(image.shape[-2:]), max_zoom=cfg.max_zoom, max_pad=cfg.max_pad)
+            with torch.no_grad():
+                lr_feats = backbone(image)
+                view_images = [apply_view(image, v) for v in views]
+                view_feats = [backbone(x) for x in view_images]
+            losses = objective(image, lr_feats, views, view_images, view_feats, gen)
         fabric.backward(losses["loss"])
         if cfg.grad_clip is not None:
             fabric.clip_gradients(objective, optimizer, max_norm=cfg.grad_clip)
@@ -137,14 +151,13 @@ def fit(cfg: TrainConfig) -> Path:
         dt = time.perf_counter() - t0
         elapsed += dt
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            vals = fabric.all_reduce(torch.stack([losses[k].detach() for k in
-                                                  ("loss", "nll", "crf", "tv", "kernel")]),
+            vals = fabric.all_reduce(torch.stack([losses[k].detach() for k in loss_keys]),
                                      reduce_op="mean").tolist()
             if not math.isfinite(vals[0]):
                 raise FloatingPointError(f"loss became {vals[0]} at step {step + 1}; lower --lr "
                                          f"or set --grad-clip; last checkpoint is in {out / CKPT}")
             if log is not None:
-                log.append({"step": step + 1, **dict(zip(("loss", "nll", "crf", "tv", "kernel"), vals)),
+                log.append({"step": step + 1, **dict(zip(loss_keys, vals)),
                             "lr": lr, "sec_per_step": dt, "elapsed_s": elapsed})
             bar.set_postfix(loss=f"{vals[0]:.4f}", s_per_step=f"{dt:.2f}")
         bar.update(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-COLUMNS = ["step", "loss", "nll", "crf", "tv", "kernel", "lr", "sec_per_step", "elapsed_s"]
+COLUMNS = ["step", "loss", "nll", "crf", "tv", "kernel", "feat", "recon", "lr", "sec_per_step", "elapsed_s"]
 
 
 class CsvLog:
@@ -49,14 +49,15 @@ def plot_curve(csv_path: str | Path, png_path: str | Path, smooth: int = 25) -> 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     if rows:
         steps = np.array([r["step"] for r in rows])
-        for key, color in (("loss", "C0"), ("nll", "C1")):
+        second = "nll" if "nll" in rows[0] else "feat"  # multi-view / scale objective
+        for key, color in (("loss", "C0"), (second, "C1")):
             y = np.array([r.get(key, np.nan) for r in rows])
             ax.plot(steps, y, color=color, alpha=0.25, lw=0.8)
             k = max(1, min(smooth, len(y) // 4))
             ax.plot(steps[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), color=color,
                     lw=1.6, label=f"{key} (mean of {k})")
     ax.set_xlabel("step")
-    ax.set_ylabel("multi-view loss")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()

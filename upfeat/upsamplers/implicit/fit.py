@@ -59,15 +59,12 @@ def resolve_backbone(backbone: object) -> torch.nn.Module:
 
 def base_upsampler(kind: str, backbone: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
     """The upsampler a schedule's ``base`` names for ``backbone``, and its label."""
-    from ...model import PRETRAINED, check_backbone, load_upsampler
+    from ...model import SHIPPED_JBU, has_shipped_jbu, shipped_jbu
     from .. import create_upsampler
     if kind == "none":
         return None, "none"
-    name = f"{getattr(getattr(backbone, 'cfg', None), 'name', None)}_jbu"
-    if kind == "jbu" and name in PRETRAINED:
-        up, meta = load_upsampler(name)
-        check_backbone(meta, backbone, name)
-        return up, name
+    if kind == "jbu" and has_shipped_jbu():
+        return shipped_jbu(backbone), SHIPPED_JBU
     return create_upsampler("bilinear", dim=backbone.dim, stride=backbone.stride), "bilinear"
 
 
