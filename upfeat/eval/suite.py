@@ -27,6 +27,7 @@ from .cache import CachedBackbone, FeatureCache
 from .cam import cam_faithfulness, fit_presence, presence_accuracy
 from .datasets import PixelDataset, auto_size, open_dataset, subset
 from .features import FeatureSource, UpsamplerUnavailable, parse_spec, resolve, split_specs
+from .metrics import BOUNDARY_D
 from .probe import LinearProbe, ProbeConfig, run_probe
 
 Log = Callable[[str], None]
@@ -199,6 +200,8 @@ def probe_suite(data: str | os.PathLike[str], upsamplers: Specs, task: str | Non
                       "misses": bb.cache.misses}, "seconds": round(time.perf_counter() - t0, 1)}
     if cfg.task == "depth":
         meta.update({"depth loss": depth_loss, "log depth": log_depth})
+    else:
+        meta["boundary band d (px)"] = list(BOUNDARY_D)
     paths: dict[str, Path] = {}
     if out is not None:
         stem = f"{cfg.task}_{_name(data)}_{split}"  # the split: a train-split run keeps val's files
