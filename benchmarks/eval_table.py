@@ -41,10 +41,14 @@ Evaluation size: 224 pixels high (16 patches, ViT-S/14's pre-training scale), wi
 of 14 closest to the aspect ratio (no padding, < 2 % anisotropic squeeze): CamVid 360 x 480 ->
 224 x 294, DAVIS 480 x 854 -> 224 x 392. ``large_image`` runs the backbone at 2x that.
 
-Writes, in ``--out`` (default ``benchmarks/results``): ``eval_seg_camvid.*`` and
-``eval_fgbg_davis.*`` (``.md``, ``.json``, bar chart ``.png``, ``_examples.png``), ``eval_cam_camvid.*``
-with ``--cam``, and the combined ``eval_table.{md,json}``. Exit code 1 if bilinear does not beat
-nearest (a sanity check) on a dataset.
+Metrics: CamVid mIoU and pixel accuracy, DAVIS fg IoU, each also as a boundary score over the
+pixels within d = 3 and 8 px (at the evaluation size) of a ground-truth class boundary
+(:func:`upfeat.eval.metrics.boundary_band`).
+
+Writes, in ``--out`` (default ``benchmarks/results``): ``eval_seg_camvid_val.*`` and
+``eval_fgbg_davis_val.*`` (``.md``, ``.json``, bar chart ``.png``, ``_examples.png``),
+``eval_cam_camvid_val.*`` with ``--cam``, and the combined ``eval_table.{md,json}``. Exit code 1 if
+bilinear does not beat nearest (a sanity check, on the full-image metric) on a dataset.
 """
 from __future__ import annotations
 
@@ -59,6 +63,7 @@ import torch
 import upfeat
 from upfeat.eval.cache import CachedBackbone, FeatureCache
 from upfeat.eval.datasets import davis_split
+from upfeat.eval.report import fmt_score, json_safe
 from upfeat.eval.suite import cam_suite, probe_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +71,12 @@ DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "benchmarks" / "results"
 ROWS = "nearest,bilinear,bicubic,resize_conv,large_image,jbu"
 SIZES = {"camvid": (224, 294), "davis": (224, 392)}
-METRICS = {"camvid": [("miou", "CamVid mIoU (%)"), ("pixel_acc", "CamVid pixel acc (%)")],
-           "davis": [("fg_iou", "DAVIS fg IoU (%)")]}
+# first = the sanity check's metric; "_d3" / "_d8": within 3 / 8 px of a ground-truth boundary
+METRICS = {"camvid": [("miou", "CamVid mIoU (%)"), ("miou_d3", "CamVid boundary mIoU d=3 (%)"),
+                      ("miou_d8", "CamVid boundary mIoU d=8 (%)"),
+                      ("pixel_acc", "CamVid pixel acc (%)")],
+           "davis": [("fg_iou", "DAVIS fg IoU (%)"), ("fg_iou_d3", "DAVIS boundary fg IoU d=3 (%)"),
+                     ("fg_iou_d8", "DAVIS boundary fg IoU d=8 (%)")]}
 
 
 def train_resize_conv(out: Path, steps: int, progress: bool = True) -> tuple[Path, float]:
@@ -97,7 +106,7 @@ def combined_table(results: dict[str, dict]) -> str:
         cells = [f"`{lab}`"]
         for name, key, _ in cols:
             r = rows[name].get(lab)
-            cells.append(f"{100 * r['metrics'][key]:.2f}" if r else "–")
+            cells.append(fmt_score(r["metrics"].get(key), 100, ".2f") if r else "–")
         for name in results:
             r = rows[name].get(lab)
             cells.append(f"{sum(r['seconds'].values()):.0f}" if r else "–")
@@ -187,10 +196,10 @@ def main() -> int:
             for r in cam["rows"])]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "eval_table.md").write_text("\n".join(md) + "\n")
-    (args.out / "eval_table.json").write_text(json.dumps(
+    (args.out / "eval_table.json").write_text(json.dumps(json_safe(
         {"results": {k: {"rows": v["rows"], "meta": v["meta"]} for k, v in results.items()},
          "cam": cam.get("rows"), "specs": specs, "seconds": seconds, "total_seconds": total,
-         "notes": notes}, indent=2, default=str) + "\n")
+         "notes": notes}), indent=2, default=str) + "\n")
     print("\n".join(md))
     print(f"wrote {args.out / 'eval_table.md'} and eval_*.{{md,json,png}} in {args.out}")
     for failure in sanity(results):

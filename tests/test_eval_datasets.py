@@ -96,8 +96,14 @@ def test_folder_depth(tmp_path):
 
 def test_folder_errors_name_the_file(tmp_path):
     _write_folder(tmp_path, "train")
-    with pytest.raises(FileNotFoundError, match=r"val[/\\]images not found"):
-        D.folder(tmp_path, "val")
+    # a missing split names itself and the splits there are (folder() and open_dataset())
+    for fn in (D.folder, D.open_dataset):
+        with pytest.raises(FileNotFoundError, match=r"split 'val' not found in .*: its splits "
+                                                    r"are train$"):
+            fn(tmp_path, "val")
+    (tmp_path / "train" / "depth").mkdir()  # an existing split: errors still name the file
+    with pytest.raises(FileNotFoundError, match=r"train[/\\]depth[/\\]img0\.png missing"):
+        D.folder(tmp_path, "train", target="depth")
     (tmp_path / "train" / "labels" / "img1.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"labels[/\\]img1\.png missing for image .*img1\.png"):
         D.folder(tmp_path, "train", num_classes=4)

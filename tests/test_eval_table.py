@@ -28,15 +28,23 @@ def _row(label, **metrics):
 
 def test_combined_table_and_sanity_check():
     m = _script()
-    results = {"camvid": {"rows": [_row("nearest", miou=0.4, pixel_acc=0.8),
-                                   _row("bilinear", miou=0.45, pixel_acc=0.85)]},
-               "davis": {"rows": [_row("nearest", fg_iou=0.6), _row("bilinear", fg_iou=0.55),
-                                  _row("jbu", fg_iou=0.7)]}}
+    nan = float("nan")
+    results = {"camvid": {"rows": [_row("nearest", miou=0.4, miou_d3=0.2, miou_d8=0.3,
+                                        pixel_acc=0.8),
+                                   _row("bilinear", miou=0.45, miou_d3=0.25, miou_d8=0.35,
+                                        pixel_acc=0.85)]},
+               "davis": {"rows": [_row("nearest", fg_iou=0.6, fg_iou_d3=nan, fg_iou_d8=0.5),
+                                  _row("bilinear", fg_iou=0.55, fg_iou_d3=0.3, fg_iou_d8=0.5),
+                                  _row("jbu", fg_iou=0.7, fg_iou_d3=0.4, fg_iou_d8=0.6)]}}
     table = m.combined_table(results).splitlines()
-    assert table[0] == ("| upsampler | CamVid mIoU (%) | CamVid pixel acc (%) | DAVIS fg IoU (%) "
+    assert table[0] == ("| upsampler | CamVid mIoU (%) | CamVid boundary mIoU d=3 (%) "
+                        "| CamVid boundary mIoU d=8 (%) | CamVid pixel acc (%) | DAVIS fg IoU (%) "
+                        "| DAVIS boundary fg IoU d=3 (%) | DAVIS boundary fg IoU d=8 (%) "
                         "| camvid time (s) | davis time (s) |")
-    assert table[2] == "| `nearest` | 40.00 | 80.00 | 60.00 | 3 | 3 |"
-    assert table[4] == "| `jbu` | – | – | 70.00 | – | 3 |"  # a row missing on one dataset
+    # a NaN score (no boundary pixel) is "–", not a crash
+    assert table[2] == "| `nearest` | 40.00 | 20.00 | 30.00 | 80.00 | 60.00 | – | 50.00 | 3 | 3 |"
+    # a row missing on one dataset
+    assert table[4] == "| `jbu` | – | – | – | – | 70.00 | 40.00 | 60.00 | – | 3 |"
     assert m.sanity(results) == ["davis: bilinear fg_iou 0.5500 <= nearest 0.6000"]
 
 
@@ -58,5 +66,7 @@ def test_tiny_run_end_to_end(data_dir, tmp_path):
         labels = [row["label"] for row in data["results"][name]["rows"]]
         assert labels == ["nearest", "bilinear", "bicubic", "resize_conv", "large_image", "jbu"]
     assert "train resize_conv" in data["seconds"]
-    for f in ("eval_seg_camvid.png", "eval_fgbg_davis_examples.png", "eval_table.md"):
+    for name, key in (("camvid", "miou_d3"), ("davis", "fg_iou_d8")):
+        assert all(0 <= row["metrics"][key] <= 1 for row in data["results"][name]["rows"])
+    for f in ("eval_seg_camvid_val.png", "eval_fgbg_davis_val_examples.png", "eval_table.md"):
         assert (tmp_path / "out" / f).stat().st_size > 0

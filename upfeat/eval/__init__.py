@@ -3,7 +3,8 @@
 Modules (one job each):
 
 - :mod:`~upfeat.eval.datasets`: CamVid / folder (seg, depth) / DAVIS (fg/bg) readers.
-- :mod:`~upfeat.eval.metrics`: mIoU, pixel accuracy, fg IoU, depth RMSE / δ<1.25, A.D. / A.I.
+- :mod:`~upfeat.eval.metrics`: mIoU, pixel accuracy, fg IoU (also within d px of a boundary),
+  depth RMSE / δ<1.25, A.D. / A.I.
 - :mod:`~upfeat.eval.cache`: backbone features computed once per image and size (LRU + disk).
 - :mod:`~upfeat.eval.features`: upsampler specs (``bilinear``, ``large_image``, ``jbu=CKPT``,
   ``resize_conv=CKPT``, ``implicit`` ...) -> ``image (B, 3, H, W) -> features (B, C, H, W)``.
@@ -24,14 +25,14 @@ from __future__ import annotations
 from .cache import CachedBackbone, FeatureCache
 from .datasets import PixelDataset, Sample, camvid, davis, folder, open_dataset
 from .features import FeatureSource, UpsamplerUnavailable, parse_spec, resolve, split_specs
-from .metrics import (DepthMeter, SegMeter, average_drop, average_increase, confusion_matrix,
-                      depth_scores, fgbg_scores, seg_scores)
+from .metrics import (DepthMeter, SegMeter, average_drop, average_increase, boundary_band,
+                      confusion_matrix, depth_scores, fgbg_scores, seg_scores)
 from .probe import LinearProbe, ProbeConfig, ProbeResult, fit_probe, run_probe
 from .suite import cam_suite, probe_suite
 
 __all__ = ["CachedBackbone", "DepthMeter", "FeatureCache", "FeatureSource", "LinearProbe",
            "PixelDataset", "ProbeConfig", "ProbeResult", "Sample", "SegMeter",
-           "UpsamplerUnavailable", "average_drop", "average_increase", "cam_suite", "camvid",
+           "UpsamplerUnavailable", "average_drop", "average_increase", "boundary_band", "cam_suite", "camvid",
            "confusion_matrix", "davis", "depth_scores", "fgbg_scores", "fit_probe", "folder",
            "open_dataset", "parse_spec", "probe_suite", "resolve", "run_probe", "seg_scores",
            "split_specs"]

@@ -62,8 +62,8 @@ def probe(
     task: Annotated[Optional[str], typer.Option(help="seg, fgbg or depth (default: from the layout).")] = None,
     backbone: BackboneOpt = "vits14_focus",
     size: SizeOpt = None,
-    split: Annotated[str, typer.Option(help="Split to evaluate on, e.g. val or test (the probe trains on 'train').")] = "val",
-    out: Annotated[Path, typer.Option(help="Output folder for eval_<task>_<data>.{md,json,png}.")] = Path("runs/eval"),
+    split: Annotated[str, typer.Option(help="Split to evaluate on, e.g. val or test (the probe trains on 'train'; scoring on train images warns).")] = "val",
+    out: Annotated[Path, typer.Option(help="Output folder for eval_<task>_<data>_<split>.{md,json,png}.")] = Path("runs/eval"),
     pixels_per_image: Annotated[int, typer.Option(help="Random valid train pixels per image.")] = 1500,
     seed: Annotated[int, typer.Option(help="Seed of the pixel sampling.")] = 0,
     max_iter: Annotated[int, typer.Option(help="L-BFGS iterations.")] = 200,
@@ -79,7 +79,9 @@ def probe(
     cache_dir: CacheDirOpt = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Linear probe (1x1 conv) on upsampled features: train on 'train', report on --split."""
+    """Linear probe (1x1 conv) on upsampled features: train on 'train', report on --split.
+
+    Seg / fg-bg also report boundary scores: mIoU / fg IoU over the pixels within d = 3 and 8 pixels (square window, at the evaluation size) of a ground-truth class boundary."""
     from .suite import probe_suite
 
     kw = {k: v for k, v in (("void_id", void_id), ("depth_scale", depth_scale)) if v is not None}
@@ -97,8 +99,8 @@ def cam(
     upsampler: UpsamplerOpt = "nearest,bilinear",
     backbone: BackboneOpt = "vits14_focus",
     size: SizeOpt = None,
-    split: Annotated[str, typer.Option(help="Split to evaluate on (the classifier trains on 'train').")] = "val",
-    out: Annotated[Path, typer.Option(help="Output folder for eval_cam_<data>.{md,json,png}.")] = Path("runs/eval"),
+    split: Annotated[str, typer.Option(help="Split to evaluate on (the classifier trains on 'train'; scoring on train images warns).")] = "val",
+    out: Annotated[Path, typer.Option(help="Output folder for eval_cam_<data>_<split>.{md,json,png}.")] = Path("runs/eval"),
     max_iter: Annotated[int, typer.Option(help="L-BFGS iterations of the presence classifier.")] = 300,
     min_fraction: Annotated[float, typer.Option(help="A class is present if it covers this fraction of the pixels.")] = 0.01,
     max_rate: Annotated[float, typer.Option(help="CAMs explain classes present in at most this fraction of train images.")] = 0.9,

@@ -165,6 +165,16 @@ def _check_size(size: object) -> tuple[int, int] | None:
     return int(size[0]), int(size[1])  # type: ignore[index]
 
 
+def _check_split(root: Path, split: str) -> None:
+    """Raise naming ``split`` and the splits ``root`` has if ``root/split/images`` is missing."""
+    if (root / split / "images").is_dir():
+        return
+    splits = sorted(p.name for p in root.iterdir() if (p / "images").is_dir())
+    if splits:
+        raise FileNotFoundError(f"split {split!r} not found in {root}: its splits are "
+                                f"{', '.join(splits)}")
+
+
 def folder(root: str | Path, split: str, size: tuple[int, int] | None = None,
            target: str = "labels", void_id: int | None = None, depth_scale: float = 1000.0,
            num_classes: int | None = None) -> PixelDataset:
@@ -179,6 +189,7 @@ def folder(root: str | Path, split: str, size: tuple[int, int] | None = None,
     root, size = Path(root), _check_size(size)
     if target not in ("labels", "depth"):
         raise ValueError(f"target must be 'labels' or 'depth', got {target!r}")
+    _check_split(root, split)
     pairs = _pairs(root / split / "images", root / split / target)
     if target == "depth":
         if not depth_scale > 0:
@@ -268,6 +279,7 @@ def detect_task(root: str | Path, split: str = "train") -> str:
     for sub, task in (("labels", "seg"), ("depth", "depth")):
         if (root / split / sub).is_dir():
             return task
+    _check_split(root, split)
     raise FileNotFoundError(f"{root}: unknown layout; expected images/ + masks/ (DAVIS), or "
                             f"{split}/images/ with {split}/labels/ or {split}/depth/")
 

@@ -7,6 +7,12 @@ Segmentation conventions:
   predictions (TP + FP + FN = 0) has no IoU (``None``) and is excluded from the mIoU, so the mIoU
   averages over the classes present in the ground truth *or* the predictions.
 - pixel accuracy = correctly labelled non-void pixels / non-void pixels.
+- boundary (trimap) scores at distance d (``miou_d3``, ``fg_iou_d8``, ...): the same scores over
+  the pixels of :func:`boundary_band` only, i.e. non-void pixels with a non-void pixel of another
+  ground-truth class within Chebyshev distance d (a (2d+1) x (2d+1) window). Void pixels neither
+  form boundaries nor are scored. The band is computed per image on its own label map and the
+  confusion matrix summed over all band pixels of all images (as the full metric); no band pixel
+  at all gives NaN.
 
 Depth (valid pixels = ground truth > 0 and finite): RMSE in metres and δ<1.25 = fraction of valid
 pixels with max(pred / gt, gt / pred) < 1.25 (predictions clamped to >= 1e-3 m for the ratio);
@@ -18,11 +24,14 @@ the image masked by the CAM, Average Drop = mean over images of max(0, y_c - o_c
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from .._checks import ShapeError, check_tensor
 
 DEPTH_EPS = 1e-3  # metres: predictions are clamped to this for the delta ratio
+BOUNDARY_D = (3, 8)  # band half-widths (pixels at the evaluation size) reported by the probes
 
 
 def _same_shape(pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -58,6 +67,57 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).view(num_classes, -1)
 
 
+def _window(x: torch.Tensor, d: int, op: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``op`` (``torch.maximum`` / ``minimum``) over the (2d+1) x (2d+1) window of (..., H, W),
+    clipped at the image border (which is thus no boundary). Separable, one shifted slice per
+    offset: ~10x faster on CPU than ``max_pool2d`` with a 17-wide kernel."""
+    for dim in (-1, -2):
+        out, n = x.clone(), x.shape[dim]
+        for i in range(1, min(d, n - 1) + 1):
+            a, b = out.narrow(dim, 0, n - i), out.narrow(dim, i, n - i)
+            op(a, x.narrow(dim, i, n - i), out=a)  # the neighbour i to the right / below
+            op(b, x.narrow(dim, 0, n - i), out=b)  # the neighbour i to the left / above
+        x = out
+    return x
+
+
+def boundary_band(labels: torch.Tensor, d: int, void_id: int | None = None) -> torch.Tensor:
+    """Trimap band: non-void pixels with a non-void pixel of another class within distance ``d``.
+
+    Distance is Chebyshev (a square (2d+1) x (2d+1) window), so a straight edge between two
+    classes gives a band of ``2 d`` pixels across (``d`` on each side). Void pixels are never in
+    the band and do not create boundaries; images in a batch do not see each other.
+
+    Args:
+        labels: (H, W) or (B, H, W) integer class ids (>= 0).
+        d: band half-width in pixels, >= 1.
+        void_id: label to ignore (``None``: none).
+
+    Returns:
+        bool mask of the shape of ``labels``.
+
+    Example:
+        >>> boundary_band(torch.tensor([[0, 0, 0, 1, 1, 1]]), 2).int()
+        tensor([[0, 1, 1, 1, 1, 0]], dtype=torch.int32)
+        >>> boundary_band(torch.tensor([[0, 0, 9, 9, 1, 1]]), 2, void_id=9).int()
+        tensor([[0, 0, 0, 0, 0, 0]], dtype=torch.int32)
+    """
+    check_tensor(labels, "labels")
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
+    if labels.ndim not in (2, 3):
+        raise ShapeError(f"labels must be (H, W) or (B, H, W), got {tuple(labels.shape)}")
+    if not (isinstance(d, int) and d >= 1):
+        raise ValueError(f"boundary distance d must be an int >= 1, got {d!r}")
+    lab = labels.long()
+    valid = torch.ones_like(lab, dtype=torch.bool) if void_id is None else lab != void_id
+    # Void is replaced by a value that can win neither the max nor the min: the centre pixel
+    # is non-void, so the band is where the largest and smallest non-void ids in the window differ.
+    hi = _window(torch.where(valid, lab, -1), d, torch.maximum)
+    lo = _window(torch.where(valid, lab, torch.iinfo(torch.int64).max), d, torch.minimum)
+    return valid & (hi > lo)
+
+
 def seg_scores(conf: torch.Tensor) -> dict:
     """mIoU, pixel accuracy and per-class IoU (``None`` if absent) of a confusion matrix.
 
@@ -85,18 +145,37 @@ def fgbg_scores(conf: torch.Tensor) -> dict:
 
 
 class SegMeter:
-    """Accumulates a confusion matrix over images: ``update(pred, target)``, then ``compute()``."""
+    """Accumulates a confusion matrix over images: ``update(pred, target)``, then ``compute()``.
 
-    def __init__(self, num_classes: int, ignore_index: int | None = None, fgbg: bool = False) -> None:
+    ``bands``: boundary distances d; each adds its scores with the suffix ``_d<d>`` (e.g.
+    ``miou_d3``, ``fg_iou_d3``, ``pixels_d3``), from a confusion matrix over band pixels only.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None, fgbg: bool = False,
+                 bands: Sequence[int] = ()) -> None:
         self.num_classes, self.ignore_index, self.fgbg = num_classes, ignore_index, fgbg
         self.conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.band_conf = {d: torch.zeros_like(self.conf) for d in bands}
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Add one batch of (..., H, W) integer predictions and targets."""
-        self.conf += confusion_matrix(pred.cpu(), target.cpu(), self.num_classes, self.ignore_index)
+        """Add integer predictions and targets of one image (H, W) or a batch (..., H, W)."""
+        pred, target = pred.cpu(), target.cpu()
+        self.conf += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        if self.band_conf:
+            _same_shape(pred, target)
+            if target.ndim < 2:
+                raise ShapeError(f"boundary scores need (..., H, W) maps, got {tuple(target.shape)}")
+            lab = target.reshape(-1, *target.shape[-2:])
+            for d, conf in self.band_conf.items():
+                band = boundary_band(lab, d, self.ignore_index).reshape(target.shape)
+                conf += confusion_matrix(pred[band], target[band], self.num_classes)
 
     def compute(self) -> dict:
-        return fgbg_scores(self.conf) if self.fgbg else seg_scores(self.conf)
+        score = fgbg_scores if self.fgbg else seg_scores
+        out = score(self.conf)
+        for d, conf in self.band_conf.items():
+            out.update({f"{k}_d{d}": v for k, v in score(conf).items()})
+        return out
 
 
 class DepthMeter:

@@ -19,7 +19,8 @@ Protocol (identical for every upsampler, so result rows are comparable):
      ``fgbg`` 0.1 (DAVIS fg IoU 44.8 / 51.1 / 57.2 / 58.6 at 1e-4 / 1e-3 / 1e-2 / 0.1: train and
      val are different videos, and a weak penalty overfits the train sequences); ``depth`` 1e-4.
 4. Evaluation: every val pixel, image by image (full-res features of one image at a time), into
-   the metrics of :mod:`upfeat.eval.metrics`.
+   the metrics of :mod:`upfeat.eval.metrics`; seg / fg-bg also over the boundary bands of
+   :data:`~upfeat.eval.metrics.BOUNDARY_D` (d = 3, 8 px: ``miou_d3``, ``fg_iou_d8``, ...).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from .._checks import ShapeError
 from .datasets import TASKS, PixelDataset
 from .linear import lbfgs_linear
-from .metrics import DepthMeter, SegMeter
+from .metrics import BOUNDARY_D, DepthMeter, SegMeter
 
 __all__ = ["WEIGHT_DECAY", "Features", "LinearProbe", "ProbeConfig", "ProbeResult", "Visit",
            "evaluate_probe", "fit_probe", "run_probe", "sample_pixels", "valid_mask"]
@@ -183,16 +184,18 @@ Visit = Callable[[int, torch.Tensor, torch.Tensor], None]  # (index, feats (1,C,
 
 @torch.no_grad()
 def evaluate_probe(probe: LinearProbe, features: Features, dataset: PixelDataset,
-                   progress: bool = False, desc: str = "eval", visit: Visit | None = None) -> dict:
+                   progress: bool = False, desc: str = "eval", visit: Visit | None = None,
+                   bands: tuple[int, ...] = BOUNDARY_D) -> dict:
     """Metrics over every valid pixel of ``dataset``, features computed one image at a time.
 
+    ``bands``: boundary distances d of the seg / fg-bg band scores (``miou_d<d>`` ...).
     ``visit(i, feats, pred)``, if given, sees every image's features and prediction (e.g. to draw
     figures without computing the features again).
     """
     if dataset.task == "depth":
         meter: SegMeter | DepthMeter = DepthMeter()
     else:
-        meter = SegMeter(dataset.num_classes, dataset.ignore_index, fgbg=dataset.task == "fgbg")
+        meter = SegMeter(dataset.num_classes, dataset.ignore_index, dataset.task == "fgbg", bands)
     for i, s in enumerate(_bar(dataset, progress, desc, len(dataset))):
         hr = features(s.image[None])
         pred = probe.predict(hr)[0].cpu()

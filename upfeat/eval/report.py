@@ -3,7 +3,8 @@
 Rows are dicts ``{"label", "metrics": {...}, "seconds": {...}, "fit": {...}}`` (what
 :meth:`upfeat.eval.probe.ProbeResult.to_dict` gives), optionally with the ``"spec"`` the row was
 built from (e.g. ``resize_conv=runs/rc``). Scores in [0, 1] are shown in % in the
-Markdown; the JSON keeps the raw values. matplotlib is imported inside :func:`bar_chart` only
+Markdown; the JSON keeps the raw values, except NaN (no pixel to score, e.g. no boundary band),
+which is ``null`` in the JSON (NaN is not valid JSON) and ``–`` in the Markdown. matplotlib is imported inside :func:`bar_chart` only
 (the grid figure goes through :func:`upfeat.viz.save_grid`).
 """
 from __future__ import annotations
@@ -16,10 +17,15 @@ from pathlib import Path
 
 import torch
 
-# metric key, header, scale, format; first entry = the bar chart's metric
+# metric key, header, scale, format; first entry = the bar chart's metric. "_d3" / "_d8": the
+# same score within 3 / 8 px of a ground-truth boundary (metrics.boundary_band), beside the full one.
 COLUMNS: dict[str, list[tuple[str, str, float, str]]] = {
-    "seg": [("miou", "mIoU (%)", 100, ".2f"), ("pixel_acc", "pixel acc (%)", 100, ".2f")],
-    "fgbg": [("fg_iou", "fg IoU (%)", 100, ".2f"), ("miou", "mIoU (%)", 100, ".2f"),
+    "seg": [("miou", "mIoU (%)", 100, ".2f"), ("miou_d3", "boundary mIoU d=3 (%)", 100, ".2f"),
+            ("miou_d8", "boundary mIoU d=8 (%)", 100, ".2f"),
+            ("pixel_acc", "pixel acc (%)", 100, ".2f")],
+    "fgbg": [("fg_iou", "fg IoU (%)", 100, ".2f"),
+             ("fg_iou_d3", "boundary fg IoU d=3 (%)", 100, ".2f"),
+             ("fg_iou_d8", "boundary fg IoU d=8 (%)", 100, ".2f"), ("miou", "mIoU (%)", 100, ".2f"),
              ("pixel_acc", "pixel acc (%)", 100, ".2f")],
     "depth": [("rmse", "RMSE (m) ↓", 1, ".4f"), ("delta1", "δ<1.25 (%)", 100, ".2f")],
     "cam": [("avg_drop", "A.D. (%) ↓", 1, ".2f"), ("avg_increase", "A.I. (%) ↑", 1, ".2f")],
@@ -29,10 +35,22 @@ PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 4
            (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]
 
 
-def _fmt(v: object, scale: float, fmt: str) -> str:
+def fmt_score(v: object, scale: float, fmt: str) -> str:
+    """``v * scale`` formatted with ``fmt``; ``–`` for a missing (``None``) or NaN score."""
     if not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
         return "–"
     return format(v * scale, fmt)
+
+
+def json_safe(obj: object) -> object:
+    """``obj`` with every non-finite float replaced by ``None`` (dicts, lists, tuples walked)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def markdown_table(rows: Sequence[dict], task: str, timing: bool = True) -> str:
@@ -43,7 +61,7 @@ def markdown_table(rows: Sequence[dict], task: str, timing: bool = True) -> str:
         head += ["train px", "L-BFGS it.", "time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"`{r['label']}`", *(_fmt(r["metrics"].get(k), s, f) for k, _, s, f in cols)]
+        cells = [f"`{r['label']}`", *(fmt_score(r["metrics"].get(k), s, f) for k, _, s, f in cols)]
         if timing:
             fit = r.get("fit", {})
             cells += [str(fit.get("train_pixels", "–")), str(fit.get("iterations", "–")),
@@ -58,7 +76,7 @@ def class_iou_table(rows: Sequence[dict], class_names: Sequence[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ious = r["metrics"].get("iou", [])
-        lines.append("| " + " | ".join([f"`{r['label']}`", *(_fmt(v, 100, ".1f") for v in ious)]) + " |")
+        lines.append("| " + " | ".join([f"`{r['label']}`", *(fmt_score(v, 100, ".1f") for v in ious)]) + " |")
     return "\n".join(lines)
 
 
@@ -107,8 +125,8 @@ def write_results(out_dir: str | os.PathLike[str], stem: str, task: str, rows: S
     if notes:
         md += ["", *(f"- {n}" for n in notes)]
     paths["md"].write_text("\n".join(md) + "\n")
-    paths["json"].write_text(json.dumps({"meta": meta, "task": task, "rows": list(rows),
-                                         "notes": list(notes)}, indent=2, default=str) + "\n")
+    doc = json_safe({"meta": meta, "task": task, "rows": list(rows), "notes": list(notes)})
+    paths["json"].write_text(json.dumps(doc, indent=2, default=str) + "\n")
     if rows:
         bar_chart(rows, task, paths["png"], title)
     else:

@@ -4,7 +4,8 @@
 ``benchmarks/eval_table.py`` call. Both: open the data (images kept in memory after their first
 read), build one cached backbone shared by all specs, compute the backbone features of every image
 once up front (``warm_up``, timed apart so that row times are the upsamplers' own), evaluate each
-spec, and write ``eval_<stem>.{md,json,png}`` (+ ``eval_<stem>_examples.png`` for probes).
+spec, and write ``eval_<task>_<data>_<split>.{md,json,png}`` (+ ``..._examples.png`` for probes;
+``<task>`` is ``cam`` for CAM faithfulness).
 Specs that cannot be built here (no checkpoint, implicit module missing) are skipped with a note
 (``skip_unavailable=True``).
 """
@@ -26,6 +27,7 @@ from .cache import CachedBackbone, FeatureCache
 from .cam import cam_faithfulness, fit_presence, presence_accuracy
 from .datasets import PixelDataset, auto_size, open_dataset, subset
 from .features import FeatureSource, UpsamplerUnavailable, parse_spec, resolve, split_specs
+from .metrics import BOUNDARY_D
 from .probe import LinearProbe, ProbeConfig, run_probe
 
 Log = Callable[[str], None]
@@ -33,15 +35,28 @@ Specs = str | Sequence[str | nn.Module]
 
 
 def _open(data: str | os.PathLike[str], split: str, size: tuple[int, int] | None,
-          task: str | None, stride: int, kwargs: dict | None, max_train: int | None,
-          max_eval: int | None) -> tuple[PixelDataset, PixelDataset]:
-    """Train and ``split`` datasets at ``size`` (``None``: :func:`auto_size`), subsampled, kept
-    in memory once read."""
+          task: str | None, kwargs: dict | None, max_train: int | None, max_eval: int | None,
+          notes: list[str], log: Log) -> tuple[PixelDataset, PixelDataset]:
+    """Train and ``split`` datasets, subsampled and kept in memory once read (cheap: called
+    before the backbone is built, so a bad split fails at once). Scoring on images of the train
+    split (``split="train"``, DAVIS ``"all"``) gives a warning, logged and kept in ``notes``."""
     train = open_dataset(data, "train", size, task, **(kwargs or {}))
-    val = open_dataset(data, split, size, train.task, **(kwargs or {}))
-    size = size or auto_size(train, stride)
-    return (replace(subset(train, max_train), size=size, keep_in_memory=True),
-            replace(subset(val, max_eval), size=size, keep_in_memory=True))
+    val = subset(open_dataset(data, split, size, train.task, **(kwargs or {})), max_eval)
+    seen = {p[1].resolve() for p in train.pairs}
+    if n := sum(p[1].resolve() in seen for p in val.pairs):
+        msg = (f"scoring on {split!r}: {n} of its {len(val)} eval images are in the 'train' "
+               f"split the probe / classifier is fitted on; scores measure fit, not generalisation")
+        log(f"warning: {msg}")
+        notes.append(msg)
+    return (replace(subset(train, max_train), keep_in_memory=True),
+            replace(val, keep_in_memory=True))
+
+
+def _sized(datasets: tuple[PixelDataset, PixelDataset], size: tuple[int, int] | None,
+           stride: int) -> tuple[PixelDataset, PixelDataset]:
+    """Both datasets at ``size`` (``None``: :func:`auto_size` of the train set at ``stride``)."""
+    size = size or auto_size(datasets[0], stride)
+    return replace(datasets[0], size=size), replace(datasets[1], size=size)
 
 
 def _backbone(backbone: str | nn.Module | CachedBackbone, cache_mb: float,
@@ -159,20 +174,22 @@ def probe_suite(data: str | os.PathLike[str], upsamplers: Specs, task: str | Non
     t0 = time.perf_counter()
     notes: list[str] = []
     specs = _parse(upsamplers)
+    opened = _open(data, split, size, task, dataset_kwargs, max_train, max_eval, notes, log)
     bb = _backbone(backbone, cache_mb, cache_dir)
     sources = _sources(specs, bb, skip_unavailable, notes)
-    train, val = _open(data, split, size, task, bb.stride, dataset_kwargs, max_train, max_eval)
+    train, val = _sized(opened, size, bb.stride)
     cfg = ProbeConfig(train.task, pixels_per_image, seed, max_iter, weight_decay, depth_loss, log_depth)
     warm = warm_up(bb, [train, val], progress)
     log(f"backbone features of {len(train)} + {len(val)} images at {val.size}: {warm:.0f} s")
     examples = Examples(bb, val, show)
-    key, header, scale, fmt = report.COLUMNS[cfg.task][0]
+    shown = report.COLUMNS[cfg.task][:1 if cfg.task == "depth" else 2]  # main (+ boundary d=3)
     rows = []
     for src in sources:
         result, _ = run_probe(src, train, val, cfg, src.label, progress, examples.visitor())
         rows.append({**result.to_dict(), "spec": src.spec})
-        log(f"{src.label}: {header} {format(result.metrics[key] * scale, fmt)} "
-            f"({sum(result.seconds.values()):.0f} s)")
+        scores = ", ".join(f"{head} {report.fmt_score(result.metrics.get(k), sc, f)}"
+                           for k, head, sc, f in shown)
+        log(f"{src.label}: {scores} ({sum(result.seconds.values()):.0f} s)")
     meta = {"title": f"Linear probe ({cfg.task}) on {_name(data)}/{split}, {bb.name}",
             "data": str(data), "backbone": bb.name, "size (H, W)": list(val.size),
             "train images": len(train), "eval images": len(val), "split": split,
@@ -183,9 +200,11 @@ def probe_suite(data: str | os.PathLike[str], upsamplers: Specs, task: str | Non
                       "misses": bb.cache.misses}, "seconds": round(time.perf_counter() - t0, 1)}
     if cfg.task == "depth":
         meta.update({"depth loss": depth_loss, "log depth": log_depth})
+    else:
+        meta["boundary band d (px)"] = list(BOUNDARY_D)
     paths: dict[str, Path] = {}
     if out is not None:
-        stem = f"{cfg.task}_{_name(data)}"
+        stem = f"{cfg.task}_{_name(data)}_{split}"  # the split: a train-split run keeps val's files
         paths = report.write_results(out, stem, cfg.task, rows, meta, notes, val.class_names)
         if examples.panels:
             paths["examples"] = report.qualitative_figure(
@@ -211,9 +230,10 @@ def cam_suite(data: str | os.PathLike[str], upsamplers: Specs,
     t0 = time.perf_counter()
     notes: list[str] = []
     specs = _parse(upsamplers)
+    opened = _open(data, split, size, "seg", None, max_train, max_eval, notes, log)
     bb = _backbone(backbone, cache_mb, cache_dir)
     sources = _sources(specs, bb, skip_unavailable, notes)
-    train, val = _open(data, split, size, "seg", bb.stride, None, max_train, max_eval)
+    train, val = _sized(opened, size, bb.stride)
     warm = warm_up(bb, [train, val], progress)
     clf, info = fit_presence(bb, train, max_iter, weight_decay, min_fraction, max_rate, progress)
     acc = presence_accuracy(clf, bb, val, min_fraction, progress)
@@ -235,5 +255,5 @@ def cam_suite(data: str | os.PathLike[str], upsamplers: Specs,
             "seconds": round(time.perf_counter() - t0, 1)}
     paths: dict[str, Path] = {}
     if out is not None:
-        paths = report.write_results(out, f"cam_{_name(data)}", "cam", rows, meta, notes)
+        paths = report.write_results(out, f"cam_{_name(data)}_{split}", "cam", rows, meta, notes)
     return {"rows": rows, "notes": notes, "meta": meta, "paths": paths}
