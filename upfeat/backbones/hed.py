@@ -58,7 +58,8 @@ def vgg16_trunk() -> nn.Sequential:
 
 def _level(b: int) -> tuple[str, ...]:
     pool = (f"pool{b - 1}",) if b > 1 else ()
-    return pool + tuple(m for c in range(1, len(CONVS[b - 1]) + 1) for m in (f"conv{b}_{c}", f"relu{b}_{c}"))
+    convs = range(1, len(CONVS[b - 1]) + 1)
+    return pool + tuple(m for c in convs for m in (f"conv{b}_{c}", f"relu{b}_{c}"))
 
 
 LEVELS = tuple(Level(_level(b), 2 ** min(b - 1, 4), CONVS[b - 1][-1]) for b in range(1, 6))
