@@ -17,18 +17,20 @@ from upfeat._checks import ShapeError
 from upfeat.backbones.clip import MaskClipBackbone
 
 NAMES = bb.list_backbones()
-BIG_DIM = 1024  # ViT-L and larger: built on 'meta' (shapes only; ViT-7B would need 28 GB)
+BIG_PARAMS = 100_000_000  # ViT-L and larger: built on 'meta' (shapes only; ViT-7B needs 28 GB)
 REQUIRED = {
     "dino_vits8", "dino_vits16", "dino_vitb16", "vits16", "clip_vitb16", "maskclip_vitb16",
     *(f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")),
     "dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16", "dinov3_vit7b16",
     "resnet50", "resnet50_os16", "resnet50_os8", "vits14_focus",
+    "mobilenetv2", "efficientnet_lite0", "vgg16_hed",
 }
 # documented (stride, dim) per name, written out independently of the registry
 DOC_SHAPES = {"dino_vits8": (8, 384), "dino_vitb16": (16, 768), "dinov2_vitg14_reg": (14, 1536),
               "dinov3_vith16plus": (16, 1280), "dinov3_vit7b16": (16, 4096),
               "maskclip_vitb16": (16, 512), "clip_vitb16": (16, 768), "resnet50": (32, 2048),
-              "resnet50_os16": (16, 2048), "resnet50_os8": (8, 2048), "vits14_focus": (14, 384)}
+              "resnet50_os16": (16, 2048), "resnet50_os8": (8, 2048), "vits14_focus": (14, 384),
+              "mobilenetv2": (32, 1280), "efficientnet_lite0": (32, 1280), "vgg16_hed": (16, 512)}
 
 
 def test_required_names_registered() -> None:
@@ -46,7 +48,8 @@ GRIDS = {8: [(28, 28), (28, 40)], 14: [(16, 16), (16, 23)], 16: [(14, 14), (14, 
 @pytest.mark.parametrize("name", NAMES)
 def test_builds_and_shapes(name: str) -> None:
     cfg = bb.backbone_cfg(name)
-    device = "meta" if cfg.dim >= BIG_DIM else "cpu"
+    size = sum(p.numel() for p in bb.create(name, pretrained=False, device="meta").parameters())
+    device = "meta" if size >= BIG_PARAMS else "cpu"
     torch.manual_seed(0)
     b = bb.create(name, pretrained=False, device=device)
     # stride, dim and mean/std read from the built model match the documented config

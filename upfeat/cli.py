@@ -58,6 +58,7 @@ def train(
 ) -> None:
     """Train an upsampler on a folder of images: FeatUp's multi-view consistency loss, or
     (--objective scale) real 2x targets for one JBU shared by several backbones."""
+    from .backbones._hub import OfflineError
     from .checkpoint import CheckpointError, read_meta
     from .train import TrainConfig, fit
     from .train.engine import CKPT, RUN_STATS
@@ -84,7 +85,7 @@ def train(
         cfg = TrainConfig.from_dict({**base, **given, "out": str(out), "resume": resume,
                                      "progress": progress})
         path = fit(cfg)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (OfflineError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"model: {path}")
@@ -140,6 +141,7 @@ def upsample(
 
     Exit code 2: usage or setup error (missing input, unknown backbone, bad option), nothing run.
     """
+    from .backbones._hub import OfflineError
     from .checkpoint import CheckpointError
     from .infer import UpsampleConfig, run
 
@@ -152,7 +154,7 @@ def upsample(
             progress=progress, accelerator=accelerator, devices=devices, strategy=strategy,
             num_nodes=num_nodes)
         summary = run(cfg)
-    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
+    except (OfflineError, CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
         typer.echo(f"error: {' '.join(str(e).split())}", err=True)
         raise typer.Exit(2) from None
     import torch.distributed as dist
@@ -174,12 +176,13 @@ def demo(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Offline demo: one PNG, a row per photo: image | low-res | bilinear | JBU (PCA colours)."""
+    from .backbones._hub import OfflineError
     from .checkpoint import CheckpointError
     from .figure import demo_figure
 
     try:
         fig = demo_figure(out, images, checkpoint, max_side, progress, note=typer.echo)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (OfflineError, CheckpointError, FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {' '.join(str(e).split())}", err=True)
         raise typer.Exit(2) from None
     for line in fig.skipped:
@@ -209,6 +212,7 @@ def implicit(
     """Fit FeatUp's implicit upsampler to one image; the saved field can be queried at any size."""
     import time
 
+    from .backbones._hub import OfflineError
     from .checkpoint import CheckpointError
     from .upsamplers.implicit.run import fit_file
 
@@ -216,7 +220,7 @@ def implicit(
     try:
         field = fit_file(image, backbone, out, size=size, viz=viz, schedule=schedule,
                          steps=steps, views=views, seed=seed, progress=progress, base=base)
-    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
+    except (OfflineError, CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
         typer.echo(f"error: {' '.join(str(e).split())}", err=True)
         raise typer.Exit(2) from None
     s = field.meta["schedule"]

