@@ -26,7 +26,7 @@ from .viz import pca_panels
 
 __all__ = ["Demo", "DemoError", "DemoSettings", "offline_backbones", "upsampler_choices"]
 
-BASELINES = ("nearest", "bilinear", "bicubic")
+BASELINES = ("nearest", "bilinear", "bicubic", "upsample_anything")  # no weights needed
 DEFAULT_BACKBONE = "vits14_focus"
 MB = 1_000_000
 
@@ -64,7 +64,8 @@ def offline_backbones() -> list[str]:
 
 
 def upsampler_choices(backbone: str) -> list[str]:
-    """``nearest``, ``bilinear``, ``bicubic``, plus ``jbu`` when ``<backbone>_jbu`` is shipped."""
+    """``nearest``, ``bilinear``, ``bicubic``, ``upsample_anything``, plus ``jbu`` when
+    ``<backbone>_jbu`` is shipped."""
     name = f"{backbone}_jbu"
     shipped = name in list_pretrained() and resolve(name).is_file()
     return [*BASELINES, *(["jbu"] if shipped else [])]

@@ -195,16 +195,17 @@ def create_model(backbone: str | nn.Module = "vits14_focus", upsampler: str = "j
 
     Args:
         backbone: registered name / ``timm:<name>`` / a :class:`~upfeat.backbones.Backbone`.
-        upsampler: a parameter-free upsampler (``nearest``, ``bilinear``, ``bicubic``); ``jbu``
+        upsampler: a parameter-free upsampler (``nearest``, ``bilinear``, ``bicubic``,
+            ``upsample_anything``: :data:`upfeat.upsamplers.PARAMETER_FREE`); ``jbu``
             (the shipped checkpoint ``<backbone>_jbu``, e.g. ``vits14_focus_jbu``); a shipped
             name; or a checkpoint path / run folder.
     """
-    from .upsamplers import list_upsamplers
+    from .upsamplers import PARAMETER_FREE, list_upsamplers
     if isinstance(backbone, str):
         bb_name, bb = backbone, None
     else:
         bb_name, bb = getattr(getattr(backbone, "cfg", None), "name", None), backbone
-    if upsampler in ("nearest", "bilinear", "bicubic"):
+    if upsampler in PARAMETER_FREE:
         bb = backbones.create(bb_name) if bb is None else bb
         model = UpFeat(bb, create_upsampler(upsampler, dim=bb.dim, stride=bb.stride)).eval()
     elif upsampler in list_upsamplers():
