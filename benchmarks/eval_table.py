@@ -2,7 +2,9 @@
 
     python benchmarks/eval_table.py            # the README table (CamVid seg + DAVIS fg/bg)
 
-Rows: nearest, bilinear, bicubic, resize_conv, large_image, jbu (``--rows``). ``implicit`` is
+Rows: nearest, bilinear, bicubic, resize_conv, large_image, upsample_anything, jbu (``--rows``).
+``upsample_anything`` is the training-free peer (arXiv 2511.16301), fitted on every train and eval
+image (50 Adam steps; see ``benchmarks/results/upsample_anything.md`` for its cost). ``implicit`` is
 accepted too (skipped with a note when ``upfeat.upsamplers.implicit`` is absent), but it fits one
 network per train and eval image (its fast schedule: ~5 CPU-minutes per 224 x 294 image on one
 thread), far beyond this budget on a CPU: use it with small ``--camvid-train`` / ``--camvid-eval``.
@@ -69,7 +71,7 @@ from upfeat.eval.suite import cam_suite, probe_suite
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "benchmarks" / "results"
-ROWS = "nearest,bilinear,bicubic,resize_conv,large_image,jbu"
+ROWS = "nearest,bilinear,bicubic,resize_conv,large_image,upsample_anything,jbu"
 SIZES = {"camvid": (224, 294), "davis": (224, 392)}
 # first = the sanity check's metric; "_d3" / "_d8": within 3 / 8 px of a ground-truth boundary
 METRICS = {"camvid": [("miou", "CamVid mIoU (%)"), ("miou_d3", "CamVid boundary mIoU d=3 (%)"),

@@ -64,7 +64,8 @@ def test_tiny_run_end_to_end(data_dir, tmp_path):
     data = json.loads((tmp_path / "out" / "eval_table.json").read_text())
     for name in ("camvid", "davis"):
         labels = [row["label"] for row in data["results"][name]["rows"]]
-        assert labels == ["nearest", "bilinear", "bicubic", "resize_conv", "large_image", "jbu"]
+        assert labels == ["nearest", "bilinear", "bicubic", "resize_conv", "large_image",
+                          "upsample_anything", "jbu"]
     assert "train resize_conv" in data["seconds"]
     for name, key in (("camvid", "miou_d3"), ("davis", "fg_iou_d8")):
         assert all(0 <= row["metrics"][key] <= 1 for row in data["results"][name]["rows"])

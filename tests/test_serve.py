@@ -142,7 +142,7 @@ def test_jbu_offered_once_its_checkpoint_exists(server, data_dir, tmp_path, monk
                      "backbone": {"name": "vits14_focus", "dim": 384, "stride": 14}})
     monkeypatch.setattr(upfeat.model, "_WEIGHTS", tmp_path)
     with urllib.request.urlopen(server.url + "api/options", timeout=10) as r:
-        assert json.load(r)["upsamplers"]["vits14_focus"] == ["nearest", "bilinear", "bicubic", "jbu"]
+        assert json.load(r)["upsamplers"]["vits14_focus"] == ["nearest", "bilinear", "bicubic", "upsample_anything", "jbu"]
     demo = Demo(DemoSettings(max_side=96), backbones=["vits14_focus"])
     r = demo.run((data_dir / BIRD).read_bytes(), "vits14_focus", "jbu")
     assert r["upsampler"] == "jbu" and png(r["upsampled"]).shape == (48, 96, 3)

@@ -118,7 +118,7 @@ def upsample(
     out: Annotated[Path, typer.Option(help="Output folder: <relative path>.<format> per image.")],
     backbone: Annotated[str, typer.Option(help="Registered backbone name or timm:<name>.")] = "vits14_focus",
     backbone_args: Annotated[Optional[str], typer.Option(help="JSON keywords for the backbone, e.g. '{\"layers\": -2}'.")] = None,
-    upsampler: Annotated[str, typer.Option(help="jbu (the shipped <backbone>_jbu), nearest, bilinear, bicubic, or a checkpoint path / run folder.")] = "jbu",
+    upsampler: Annotated[str, typer.Option(help="jbu (the shipped <backbone>_jbu), nearest, bilinear, bicubic, upsample_anything (training-free, fitted per image), or a checkpoint path / run folder.")] = "jbu",
     format: Annotated[str, typer.Option("--format", help="safetensors (tensor 'features' + metadata) or npy (+ a .json sidecar).")] = "safetensors",
     viz: Annotated[bool, typer.Option("--viz", help="Also write <name>.pca.png: image | low-res | upsampled (PCA).")] = False,
     size: Annotated[Optional[tuple[int, int]], typer.Option(help="Resize every image to H W first.", show_default=False)] = None,

@@ -21,12 +21,12 @@ import torch
 from PIL import Image
 
 from .io import ImageReadError, load_image, to_tensor
-from .model import UpFeat, create_model, has_shipped_jbu
+from .model import UpFeat, create_model, jbu_name, list_pretrained, resolve
 from .viz import pca_panels
 
 __all__ = ["Demo", "DemoError", "DemoSettings", "offline_backbones", "upsampler_choices"]
 
-BASELINES = ("nearest", "bilinear", "bicubic")
+BASELINES = ("nearest", "bilinear", "bicubic", "upsample_anything")  # no weights needed
 DEFAULT_BACKBONE = "vits14_focus"
 MB = 1_000_000
 
@@ -64,9 +64,11 @@ def offline_backbones() -> list[str]:
 
 
 def upsampler_choices(backbone: str) -> list[str]:
-    """``nearest``, ``bilinear``, ``bicubic``, plus ``jbu`` when the shipped JBU is installed
-    (it serves every backbone)."""
-    return [*BASELINES, *(["jbu"] if has_shipped_jbu() else [])]
+    """``nearest``, ``bilinear``, ``bicubic``, ``upsample_anything``, plus ``jbu`` when the
+    shipped JBU is installed (it serves every backbone)."""
+    name = jbu_name(backbone)
+    shipped = name in list_pretrained() and resolve(name).is_file()
+    return [*BASELINES, *(["jbu"] if shipped else [])]
 
 
 def _png_data_url(rgb: torch.Tensor) -> str:

@@ -161,13 +161,23 @@ def shipped_jbu(backbone: nn.Module) -> Upsampler:
 
     Raises :class:`CheckpointError` when it is not in this install.
     """
-    up, _ = load_upsampler(SHIPPED_JBU)
-    return up.for_backbone(backbone.dim, backbone.stride).eval()
+    name = jbu_name(getattr(getattr(backbone, "cfg", None), "name", None))
+    up, meta = load_upsampler(name)
+    if getattr(up, "agnostic", False):
+        return up.for_backbone(backbone.dim, backbone.stride).eval()
+    check_backbone(meta, backbone, name)
+    return up
 
 
 def has_shipped_jbu() -> bool:
-    """Whether the shipped JBU's weights are in this install."""
-    return resolve(SHIPPED_JBU).is_file()
+    """Whether the shipped backbone-agnostic JBU's weights are in this install."""
+    return (_WEIGHTS / PRETRAINED[SHIPPED_JBU]).is_file()
+
+
+def jbu_name(backbone_name: str | None) -> str:
+    """What ``"jbu"`` loads: the backbone-agnostic :data:`SHIPPED_JBU` when installed, else the
+    per-backbone ``<backbone>_jbu`` (not trained for every backbone yet: issue 13)."""
+    return SHIPPED_JBU if has_shipped_jbu() else f"{backbone_name}_jbu"
 
 
 def load_downsampler(name_or_path: str | os.PathLike[str]) -> nn.Module:
@@ -219,16 +229,17 @@ def create_model(backbone: str | nn.Module = "vits14_focus", upsampler: str = "j
 
     Args:
         backbone: registered name / ``timm:<name>`` / a :class:`~upfeat.backbones.Backbone`.
-        upsampler: a parameter-free upsampler (``nearest``, ``bilinear``, ``bicubic``); ``jbu``
-            (the shipped backbone-agnostic JBU, :data:`SHIPPED_JBU`, for any backbone); a shipped
+        upsampler: a parameter-free upsampler (``nearest``, ``bilinear``, ``bicubic``,
+            ``upsample_anything``: :data:`upfeat.upsamplers.PARAMETER_FREE`); ``jbu`` (the
+            shipped backbone-agnostic JBU, :data:`SHIPPED_JBU`, for any backbone); a shipped
             name (e.g. the older ``vits14_focus_jbu``); or a checkpoint path / run folder.
     """
-    from .upsamplers import list_upsamplers
+    from .upsamplers import PARAMETER_FREE, list_upsamplers
     if isinstance(backbone, str):
         bb_name, bb = backbone, None
     else:
         bb_name, bb = getattr(getattr(backbone, "cfg", None), "name", None), backbone
-    if upsampler in ("nearest", "bilinear", "bicubic"):
+    if upsampler in PARAMETER_FREE:
         bb = backbones.create(bb_name) if bb is None else bb
         model = UpFeat(bb, create_upsampler(upsampler, dim=bb.dim, stride=bb.stride)).eval()
     elif upsampler in list_upsamplers():
@@ -237,6 +248,11 @@ def create_model(backbone: str | nn.Module = "vits14_focus", upsampler: str = "j
                               f"or train one with `upfeat train --upsampler {upsampler}`")
     else:
         if upsampler == "jbu":
-            upsampler = SHIPPED_JBU
+            upsampler = jbu_name(bb_name)
+            if upsampler not in PRETRAINED:
+                raise CheckpointError(f"no shipped JBU checkpoint for backbone {bb_name!r} (shipped: "
+                                      f"{', '.join(list_pretrained())}); train one with "
+                                      f"`upfeat train --backbone {bb_name} --data DIR` and pass "
+                                      f"its folder")
         model = load(upsampler, backbone=bb if bb is not None else bb_name)
     return model.to(device) if device is not None else model

@@ -22,7 +22,8 @@ eval_app = typer.Typer(help="Evaluate upsamplers: linear probes (seg, fg/bg, dep
                        pretty_exceptions_enable=False)
 
 UpsamplerOpt = Annotated[str, typer.Option(
-    help="Comma-separated specs: nearest, bilinear, bicubic, large_image (backbone on the 2x "
+    help="Comma-separated specs: nearest, bilinear, bicubic, upsample_anything (training-free, "
+         "fitted per image), large_image (backbone on the 2x "
          "image), large_image4, jbu (the shipped <backbone>_jbu), implicit (one fit per image, "
          "~5 CPU-minutes each), or jbu=CHECKPOINT / resize_conv=CHECKPOINT (a checkpoint file or "
          "an `upfeat train` run folder).")]

@@ -59,12 +59,16 @@ def resolve_backbone(backbone: object) -> torch.nn.Module:
 
 def base_upsampler(kind: str, backbone: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
     """The upsampler a schedule's ``base`` names for ``backbone``, and its label."""
-    from ...model import SHIPPED_JBU, has_shipped_jbu, shipped_jbu
+    from ...model import PRETRAINED, jbu_name, shipped_jbu
     from .. import create_upsampler
     if kind == "none":
         return None, "none"
-    if kind == "jbu" and has_shipped_jbu():
-        return shipped_jbu(backbone), SHIPPED_JBU
+    name = jbu_name(getattr(getattr(backbone, "cfg", None), "name", None))
+    if kind == "jbu" and name in PRETRAINED:
+        try:
+            return shipped_jbu(backbone), name
+        except Exception:  # no shipped JBU for this backbone: fall back to bilinear
+            pass
     return create_upsampler("bilinear", dim=backbone.dim, stride=backbone.stride), "bilinear"
 
 
