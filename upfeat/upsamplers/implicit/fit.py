@@ -59,6 +59,7 @@ def resolve_backbone(backbone: object) -> torch.nn.Module:
 
 def base_upsampler(kind: str, backbone: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
     """The upsampler a schedule's ``base`` names for ``backbone``, and its label."""
+    from ...checkpoint import CheckpointError
     from ...model import PRETRAINED, jbu_name, shipped_jbu
     from .. import create_upsampler
     if kind == "none":
@@ -67,7 +68,7 @@ def base_upsampler(kind: str, backbone: torch.nn.Module) -> tuple[torch.nn.Modul
     if kind == "jbu" and name in PRETRAINED:
         try:
             return shipped_jbu(backbone), name
-        except Exception:  # no shipped JBU for this backbone: fall back to bilinear
+        except CheckpointError:  # no shipped JBU for this backbone: fall back to bilinear
             pass
     return create_upsampler("bilinear", dim=backbone.dim, stride=backbone.stride), "bilinear"
 
