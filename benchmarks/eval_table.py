@@ -1,6 +1,7 @@
-"""Reproduce the README evaluation table: linear probes on ``vits14_focus`` features.
+"""Reproduce the README evaluation tables: linear probes on a backbone's features.
 
-    python benchmarks/eval_table.py            # the README table (CamVid seg + DAVIS fg/bg)
+    python benchmarks/eval_table.py                          # vits14_focus (CamVid seg + DAVIS fg/bg)
+    python benchmarks/eval_table.py --backbone mobilenetv2   # any registered backbone
 
 Rows: nearest, bilinear, bicubic, resize_conv, large_image, upsample_anything, jbu (``--rows``).
 ``upsample_anything`` is the training-free peer (arXiv 2511.16301), fitted on every train and eval
@@ -9,8 +10,9 @@ accepted too (skipped with a note when ``upfeat.upsamplers.implicit`` is absent)
 network per train and eval image (its fast schedule: ~5 CPU-minutes per 224 x 294 image on one
 thread), far beyond this budget on a CPU: use it with small ``--camvid-train`` / ``--camvid-eval``.
 
-- ``jbu``: the shipped checkpoint ``vits14_focus_jbu`` (``--jbu PATH`` for another); skipped with
-  a note if it cannot be loaded.
+- ``jbu``: the shipped backbone-agnostic JBU (``--jbu PATH`` for another); skipped with a note if
+  it cannot be loaded. Any row may also be a spec such as ``jbu=vits14_focus_jbu`` (the older
+  ViT-S/14-only checkpoint) or ``jbu=runs/X`` (see :mod:`upfeat.eval.features`).
 - ``resize_conv``: ``--resize-conv PATH``, a checkpoint file or an ``upfeat train`` run folder.
   A folder without ``model.safetensors`` (by default ``<UPFEAT_CACHE>/eval_resize_conv``, i.e.
   ``~/.cache/upfeat/eval_resize_conv``) is first trained with ``upfeat.train``:
@@ -71,6 +73,7 @@ from upfeat.eval.suite import cam_suite, probe_suite
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "benchmarks" / "results"
+RC_DEFAULT = upfeat.backbones.cache_dir() / "eval_resize_conv"
 ROWS = "nearest,bilinear,bicubic,resize_conv,large_image,upsample_anything,jbu"
 SIZES = {"camvid": (224, 294), "davis": (224, 392)}
 # first = the sanity check's metric; "_d3" / "_d8": within 3 / 8 px of a ground-truth boundary
@@ -81,13 +84,14 @@ METRICS = {"camvid": [("miou", "CamVid mIoU (%)"), ("miou_d3", "CamVid boundary 
                      ("fg_iou_d8", "DAVIS boundary fg IoU d=8 (%)")]}
 
 
-def train_resize_conv(out: Path, steps: int, progress: bool = True) -> tuple[Path, float]:
+def train_resize_conv(out: Path, steps: int, progress: bool = True,
+                      backbone: str = "vits14_focus") -> tuple[Path, float]:
     """Train a 1x1 resize-conv on CamVid train images + DAVIS train sequences (no labels used)."""
     from upfeat.train import TrainConfig, fit
 
     seqs = davis_split([p.name for p in (DATA / "davis" / "images").iterdir() if p.is_dir()], "train")
     data = [str(DATA / "camvid" / "train" / "images"), *(str(DATA / "davis" / "images" / s) for s in seqs)]
-    cfg = TrainConfig(data=data, out=str(out), upsampler="resize_conv",
+    cfg = TrainConfig(data=data, out=str(out), backbone=backbone, upsampler="resize_conv",
                       upsampler_kwargs={"kernel_size": 1}, steps=steps, batch_size=2, views=2,
                       warmup=min(20, steps), ckpt_every=max(steps // 4, 1), accelerator="cpu",
                       seed=0, resume=True, progress=progress)
@@ -136,14 +140,16 @@ def main() -> int:
     p.add_argument("--davis-train", type=int, default=48, help="DAVIS train frames (of 95)")
     p.add_argument("--davis-eval", type=int, default=48, help="DAVIS val frames (of 99)")
     p.add_argument("--max-iter", type=int, default=200, help="L-BFGS iterations of every probe")
-    p.add_argument("--jbu", default="vits14_focus_jbu", help="JBU checkpoint (name or path)")
-    p.add_argument("--resize-conv", type=Path, default=upfeat.backbones.cache_dir() / "eval_resize_conv",
+    p.add_argument("--backbone", default="vits14_focus", help="registered backbone name")
+    p.add_argument("--jbu", default=None, help="checkpoint of the 'jbu' row (default: the shipped one)")
+    p.add_argument("--resize-conv", type=Path, default=RC_DEFAULT,
                    help="resize_conv checkpoint or run folder (trained there first if it has no model)")
     p.add_argument("--resize-conv-steps", type=int, default=60,
                    help="training steps when the resize_conv run folder has no model yet")
     p.add_argument("--cam", action="store_true", help="also CAM faithfulness on CamVid")
     p.add_argument("--show", type=int, default=3, help="images in each qualitative figure")
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default benchmarks/results, /<backbone> for the others)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args()
 
@@ -152,14 +158,18 @@ def main() -> int:
     specs = args.rows.split(",")
     if "resize_conv" in specs:
         ckpt = args.resize_conv
+        if args.backbone != "vits14_focus" and ckpt == RC_DEFAULT:  # one per backbone
+            ckpt = ckpt.with_name(f"{ckpt.name}_{args.backbone}")
         if not ckpt.is_file() and not (ckpt / "model.safetensors").is_file():
             ckpt, seconds["train resize_conv"] = train_resize_conv(ckpt, args.resize_conv_steps,
-                                                                   args.progress)
+                                                                   args.progress, args.backbone)
         specs[specs.index("resize_conv")] = f"resize_conv={ckpt}"
-    if "jbu" in specs:
+    if "jbu" in specs and args.jbu:
         specs[specs.index("jbu")] = f"jbu={args.jbu}"
+    if args.out is None:  # one folder per backbone, the default one's at the top
+        args.out = OUT if args.backbone == "vits14_focus" else OUT / args.backbone
 
-    bb = CachedBackbone(upfeat.backbones.create("vits14_focus"), FeatureCache(memory_mb=3072))
+    bb = CachedBackbone(upfeat.backbones.create(args.backbone), FeatureCache(memory_mb=3072))
     counts = {"camvid": (args.camvid_train, args.camvid_eval), "davis": (args.davis_train, args.davis_eval)}
     results = {}
     for name in args.datasets.split(","):
@@ -185,7 +195,7 @@ def main() -> int:
     setup = "; ".join(f"{k}: {v['meta']['train images']} train / {v['meta']['eval images']} eval "
                       f"images at {v['meta']['size (H, W)'][0]}x{v['meta']['size (H, W)'][1]}"
                       for k, v in results.items())
-    md = ["# upfeat evaluation: vits14_focus (offline DINOv2 ViT-S/14), linear probes", "",
+    md = [f"# upfeat evaluation: {args.backbone}, linear probes", "",
           combined_table(results), "",
           f"{setup}; 1500 px per train image, seed 0, {args.max_iter} L-BFGS iterations, weight "
           f"decay seg 1e-4 / fg-bg 0.1; rows: "

@@ -20,14 +20,15 @@ class MaxNumel(TorchDispatchMode):
         return out
 
 
-def save_untrained_model(path, range_dim: int = 8):
+def save_untrained_model(path, range_dim: int = 8, **kwargs):
     """Write an upfeat model checkpoint for ``vits14_focus`` + an untrained, randomly perturbed
-    JBU stack (what ``upfeat train`` exports, without the training); returns the path."""
+    JBU stack (what ``upfeat train`` exports, without the training); returns the path.
+    ``kwargs`` go to the stack (``residual=False, steps=5``: a backbone-agnostic one)."""
     from upfeat.checkpoint import save_checkpoint
     from upfeat.upsamplers import create_upsampler
 
     gen = torch.Generator().manual_seed(0)
-    up = create_upsampler("jbu_stack", dim=384, stride=14, range_dim=range_dim)
+    up = create_upsampler("jbu_stack", dim=384, stride=14, range_dim=range_dim, **kwargs)
     state = {k: v + 0.1 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
              for k, v in up.state_dict().items()}
     return save_checkpoint(path, {f"upsampler.{k}": v for k, v in state.items()},

@@ -128,3 +128,29 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, case, mess
     assert not (tmp_path / "demo.png").exists()
     if case == "no_shipped":
         assert "pass --checkpoint PATH" in errors[0]
+
+
+def test_one_row_per_photo_and_backbone(data_dir, tmp_path, monkeypatch):
+    """--backbone twice with a backbone-agnostic checkpoint: a ViT row and a CNN row per photo,
+    each with its own low-res grid and titles."""
+    from upfeat import backbones
+    try:
+        backbones.create("mobilenetv2")
+    except backbones.MissingWheelError as e:
+        pytest.skip(str(e))
+    save_untrained_model(tmp_path / "any.safetensors", residual=False, steps=5)
+    grids = []
+    real_save_grid = figure.save_grid
+    monkeypatch.setattr(figure, "save_grid", lambda rows, path, **kw: (
+        grids.append((rows, kw)), real_save_grid(rows, path, **kw)))
+    r = demo("--images", str(data_dir / "samples" / PHOTOS[0]), "--checkpoint",
+             str(tmp_path / "any.safetensors"), "--backbone", "vits14_focus", "--backbone",
+             "mobilenetv2", "--out", str(tmp_path / "d.png"), "--max-side", "112")
+    assert r.exit_code == 0, r.output
+    (rows, kw), = grids
+    assert [t[1] for t in kw["titles"]] == ["low-res vits14_focus", "low-res mobilenetv2"]
+    low_vit, low_cnn = rows[0][1], rows[1][1]
+    assert low_vit.shape == low_cnn.shape == (3, 75, 112)
+    # one colour per 14-px cell in the ViT row, per 32-px cell in the CNN row
+    assert torch.equal(low_cnn[:, :32, :32], low_cnn[:, :1, :1].expand(3, 32, 32))
+    assert not torch.equal(low_vit[:, :32, :32], low_vit[:, :1, :1].expand(3, 32, 32))

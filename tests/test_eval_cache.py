@@ -93,3 +93,14 @@ def test_disk_cache_survives_the_process(tmp_path):
         out = CachedBackbone(bb, FeatureCache(disk_dir=tmp_path))(img)
     torch.testing.assert_close(out, ref)
     assert net.images == 3
+
+
+def test_fingerprint_covers_scalar_buffers():
+    """BatchNorm's 0-dim ``num_batches_tracked`` (int64) once crashed the fingerprint of every CNN."""
+    from upfeat.eval.cache import weights_fingerprint
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    before = weights_fingerprint(net)
+    assert before == weights_fingerprint(net)
+    net[1].num_batches_tracked += 1
+    assert weights_fingerprint(net) != before

@@ -234,3 +234,33 @@ def test_jbu_stack_size_and_speed():
         up(feats, img).square().mean().backward()
         times.append(time.perf_counter() - t)
     print(f"JBUStack(384, 14) forward+backward at 224x224: {min(times):.2f} s (best of 2)")
+
+
+def test_agnostic_stack_serves_any_dim_and_stride():
+    """residual=False: no parameter depends on dim or stride; a stride needing n steps runs the
+    last n layers, so one state dict gives exactly what a stack of those layers gives."""
+    torch.manual_seed(0)
+    up = JBUStack(7, 32, residual=False, steps=5, range_dim=4).eval()
+    assert up.agnostic and not JBUStack(7, 32).agnostic
+    assert {k: v.shape for k, v in up.state_dict().items()} == {
+        k: v.shape for k, v in JBUStack(300, 8, residual=False, steps=5, range_dim=4).state_dict().items()}
+    vit = up.for_backbone(384, 14)  # 4 steps: layers 1..4
+    four = JBUStack(384, 14, residual=False, range_dim=4).eval()
+    four.load_state_dict({k.replace(f"layers.{i}.", f"layers.{i - 1}."): v
+                          for k, v in up.state_dict().items()
+                          for i in [int(k.split(".")[1])] if i > 0})
+    feats, img = _inputs(384, 14, 70, 90)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(feats, img), four(feats, img), rtol=0, atol=0)
+        c = torch.randn(1, 5, 1, 1)  # constants pass through (no residual)
+        out = up.for_backbone(5, 8)(c.expand(1, 5, 9, 12).contiguous(), img)
+        torch.testing.assert_close(out, c.expand_as(out), rtol=1e-5, atol=1e-5)
+    shared = up.for_backbone(16, 16, share=True)
+    assert shared.layers[0].range_temp is up.layers[0].range_temp
+    assert vit.layers[0].range_temp is not up.layers[1].range_temp  # a copy by default
+    with pytest.raises(ValueError, match="stride 64 needs 6 steps"):
+        up.for_backbone(4, 64)
+    with pytest.raises(ValueError, match="residual=False"):
+        JBUStack(4, 16).for_backbone(8, 16)
+    with pytest.raises(ValueError, match="steps must be"):
+        JBUStack(4, 32, steps=3)

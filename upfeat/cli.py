@@ -32,11 +32,11 @@ def _json_dict(text: Optional[str], option: str) -> Optional[dict]:
 def train(
     data: Annotated[Optional[list[Path]], typer.Option(help="Image folder(s)/file(s), searched recursively; repeat for several.")] = None,
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, model.safetensors, metrics.csv, loss.png.")] = Path("runs/jbu"),
-    backbone: Annotated[Optional[str], typer.Option(help="Registered backbone name or timm:<name>; with --objective scale, a comma-separated list (one per step, in turn).")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Registered backbone name or timm:<name>; or a comma-separated list (one per step, in turn) to train one backbone-agnostic upsampler (--upsampler-args '{\"residual\": false, \"steps\": 5}', or --objective scale).")] = None,
     backbone_args: Annotated[Optional[str], typer.Option(help="JSON keywords for the backbone, e.g. '{\"layers\": -2}'.")] = None,
-    objective: Annotated[Optional[str], typer.Option(help="multiview (FeatUp's, default) or scale (real 2x targets; trains the backbone-agnostic jbu_any).")] = None,
+    objective: Annotated[Optional[str], typer.Option(help="multiview (FeatUp's, default) or scale (real 2x targets; trains the backbone-agnostic jbu_cells).")] = None,
     recon_weight: Annotated[Optional[float], typer.Option(help="scale objective: weight of the image-reconstruction term.")] = None,
-    upsampler: Annotated[Optional[str], typer.Option(help="Upsampler to train (jbu_stack, resize_conv; jbu_any with --objective scale).")] = None,
+    upsampler: Annotated[Optional[str], typer.Option(help="Upsampler to train (jbu_stack, resize_conv; jbu_cells with --objective scale).")] = None,
     upsampler_args: Annotated[Optional[str], typer.Option(help="JSON keywords for the upsampler.")] = None,
     downsampler: Annotated[Optional[str], typer.Option(help="simple or attention.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Total optimiser steps.")] = None,
@@ -64,7 +64,7 @@ def train(
     from .train.engine import CKPT, RUN_STATS
 
     if objective == "scale" and upsampler is None:
-        upsampler = "jbu_any"
+        upsampler = "jbu_cells"
     given = {"backbone": backbone, "backbone_kwargs": _json_dict(backbone_args, "--backbone-args"),
              "objective": objective, "recon_weight": recon_weight,
              "upsampler": upsampler, "upsampler_kwargs": _json_dict(upsampler_args, "--upsampler-args"),
@@ -171,7 +171,8 @@ def upsample(
 def demo(
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("demo.png"),
     images: Annotated[Optional[Path], typer.Option(help="Image file or folder (default: the sample photos in ../shared/data/samples beside the clone).", show_default=False)] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Trained model (run folder or .safetensors from `upfeat train`) instead of the shipped vits14_focus_jbu.", show_default=False)] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Trained model (run folder or .safetensors from `upfeat train`) instead of the shipped JBU.", show_default=False)] = None,
+    backbone: Annotated[Optional[list[str]], typer.Option(help="Backbone(s), one row per photo and backbone; repeat for several (default vits14_focus, or the checkpoint's).", show_default=False)] = None,
     max_side: Annotated[int, typer.Option(help="Shrink photos to this longer side (pixels) first.")] = 448,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -181,7 +182,8 @@ def demo(
     from .figure import demo_figure
 
     try:
-        fig = demo_figure(out, images, checkpoint, max_side, progress, note=typer.echo)
+        fig = demo_figure(out, images, checkpoint, max_side, progress, note=typer.echo,
+                          backbones=backbone)
     except (OfflineError, CheckpointError, FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {' '.join(str(e).split())}", err=True)
         raise typer.Exit(2) from None

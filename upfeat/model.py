@@ -21,10 +21,10 @@ from .upsamplers import Upsampler, create_upsampler
 
 _WEIGHTS = Path(__file__).parent / "weights"
 # name -> file in upfeat/weights (safetensors + a JSON sidecar with the same stem)
-PRETRAINED = {"jbu_any": "jbu_any.safetensors", "vits14_focus_jbu": "vits14_focus_jbu.safetensors"}
+PRETRAINED = {"jbu": "jbu.safetensors", "vits14_focus_jbu": "vits14_focus_jbu.safetensors"}
 # What "jbu" means everywhere (create_model, CLI, eval, demo): one backbone-agnostic checkpoint
 # whose kernels depend on the image only, so it serves every backbone, dim and stride.
-SHIPPED_JBU = "jbu_any"
+SHIPPED_JBU = "jbu"
 
 
 def list_pretrained() -> list[str]:
@@ -190,7 +190,9 @@ def load_downsampler(name_or_path: str | os.PathLike[str]) -> nn.Module:
                               f"{meta.get('train', {}).get('objective', '?')!r} objective)")
     cfg, bb = dict(meta["downsampler"]), meta["backbone"]
     down = create_downsampler(cfg.pop("name"), dim=bb["dim"], stride=bb["stride"], **cfg)
-    load_module_state(down, subdict(tensors, "downsampler"), "downsampler", path)
+    # several backbones: one downsampler each ("downsampler.<i>."); this is the first one's
+    prefix = "downsampler.0" if len(meta.get("backbones", [])) > 1 else "downsampler"
+    load_module_state(down, subdict(tensors, prefix), "downsampler", path)
     return down.eval()
 
 

@@ -134,11 +134,12 @@ def save_row(panels: Sequence[torch.Tensor], path: str | os.PathLike[str] | Bina
 
 
 def save_grid(rows: Sequence[Sequence[torch.Tensor]], path: str | os.PathLike[str],
-              titles: Sequence[str] | None = None, cell_inches: float = 3.0) -> None:
+              titles: Sequence[str] | Sequence[Sequence[str]] | None = None,
+              cell_inches: float = 3.0) -> None:
     """Save a PNG grid: ``rows[i][j]`` is an RGB image ``(3, H, W)`` in ``[0, 1]`` (any sizes).
 
     Low-resolution feature images are drawn with nearest-neighbour pixels so patches stay visible.
-    ``titles`` label the columns.
+    ``titles``: column titles over the first row, or one list of titles per row.
     """
     import matplotlib
 
@@ -155,8 +156,10 @@ def save_grid(rows: Sequence[Sequence[torch.Tensor]], path: str | os.PathLike[st
             if j < len(row):
                 img = row[j].detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
                 ax.imshow(img, interpolation="nearest")
-            if i == 0 and titles and j < len(titles):
-                ax.set_title(titles[j])
+            per_row = bool(titles) and not isinstance(titles[0], str)
+            row_titles = titles[i] if per_row else (titles if i == 0 else None)
+            if row_titles and j < len(row_titles):
+                ax.set_title(row_titles[j])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

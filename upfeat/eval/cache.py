@@ -106,7 +106,7 @@ def weights_fingerprint(module: nn.Module) -> str:
     h.update(str(getattr(getattr(module, "cfg", None), "name", "")).encode())
     for name, t in module.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -30,11 +30,14 @@ class TrainConfig:
     range temperature and spatial sigma) use ``lr * scalar_lr``: Adam moves a parameter by about
     ``lr`` per step, so at ``lr = 1e-3`` a sigma of 1 would need ~1000 steps just to halve.
     ``batch_size`` is per process.
-    ``objective="scale"`` trains a backbone-agnostic upsampler (``jbu_any``) on real
+    ``objective="scale"`` trains a backbone-agnostic upsampler (``jbu_cells``) on real
     high-resolution targets instead (:mod:`upfeat.train.scale`): ``image_size`` is then the side
     of the full crop (the upsampler sees its half-size copy), ``backbone`` may be a comma-separated
     list (one backbone per step, in turn), ``recon_weight`` weighs the image-reconstruction term;
     ``views``, ``downsampler`` and the multi-view loss options are unused.
+    ``backbone`` may also be a comma-separated list with the multi-view objective: one
+    backbone-agnostic upsampler (``jbu_stack`` with ``residual=False``) trained on each in turn,
+    each with its own downsampler and loss, its features scaled to unit RMS (the shipped ``jbu``).
     Engine: Lightning Fabric ``accelerator``/``devices``/``strategy``/``num_nodes``/``precision``.
     """
 
@@ -96,8 +99,6 @@ class TrainConfig:
         need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip!r}")
         need(self.objective in OBJECTIVES,
              f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        need(self.objective == "scale" or "," not in self.backbone,
-             f"several backbones ({self.backbone!r}) need objective='scale'")
         need(self.recon_weight >= 0, f"recon_weight must be >= 0, got {self.recon_weight!r}")
         if isinstance(self.data, str):
             self.data = [self.data]

@@ -41,7 +41,7 @@ def model_meta(cfg: TrainConfig, backbone, objective: torch.nn.Module, step: int
                       "world_size": world_size}}
     if cfg.objective == "multiview":
         meta["downsampler"] = {"name": cfg.downsampler, **cfg.downsampler_kwargs}
-    else:
+    if len(cfg.backbones) > 1 or cfg.objective != "multiview":
         meta["backbones"] = cfg.backbones
     return meta
 
@@ -88,7 +88,8 @@ def fit(cfg: TrainConfig) -> Path:
     data = TrainImages(cfg.data, max(cfg.image_size, math.ceil(cfg.image_size * cfg.resize)))
     torch.manual_seed(cfg.seed)  # parameter initialisation
     make = ScaleObjective if scale else MultiViewObjective
-    objective = make.from_config(cfg, backbone.dim, backbone.stride)
+    objective = make.from_config(cfg, [b.dim for b in nets] if not scale else backbone.dim,
+                                 [b.stride for b in nets] if not scale else backbone.stride)
     start, elapsed = 0, 0.0
     if tensors is not None:
         for name in parts:
@@ -127,7 +128,7 @@ def fit(cfg: TrainConfig) -> Path:
         seed = derive_seed(cfg.seed, STEP, step, rank)
         torch.manual_seed(seed)  # dropout etc.: a function of (seed, step, rank), so resumable
         gen = torch.Generator(device=fabric.device).manual_seed(seed)
-        which = step % len(nets)  # several backbones (scale objective): one per step, in turn
+        which = step % len(nets)  # several backbones: one per step, in turn
         image = fabric.to_device(data.batch(step, cfg.seed, cfg.batch_size, crops[which], rank,
                                             world))
         lr = cfg.lr_at(step)
@@ -138,11 +139,16 @@ def fit(cfg: TrainConfig) -> Path:
         else:
             views = sample_views(cfg.views, torch.Generator().manual_seed(seed),
                                  tuple(image.shape[-2:]), max_zoom=cfg.max_zoom, max_pad=cfg.max_pad)
+            net = nets[which]
             with torch.no_grad():
-                lr_feats = backbone(image)
+                lr_feats = net(image)
                 view_images = [apply_view(image, v) for v in views]
-                view_feats = [backbone(x) for x in view_images]
-            losses = objective(image, lr_feats, views, view_images, view_feats, gen)
+                view_feats = [net(x) for x in view_images]
+                if len(nets) > 1:  # one loss scale for all (vgg16_hed's features are ~30x ViT's);
+                    # the upsampler is linear in the features, so this changes only the loss scale
+                    rms = lr_feats.pow(2).mean().sqrt().clamp_min(1e-6)
+                    lr_feats, view_feats = lr_feats / rms, [f / rms for f in view_feats]
+            losses = objective(image, lr_feats, views, view_images, view_feats, gen, which)
         fabric.backward(losses["loss"])
         if cfg.grad_clip is not None:
             fabric.clip_gradients(objective, optimizer, max_norm=cfg.grad_clip)

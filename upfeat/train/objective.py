@@ -17,40 +17,61 @@ class MultiViewObjective(nn.Module):
 
     ``F_hr = σ↑(f(x), x)``; for each view ``t``: ``loss(f(t(x)), σ↓(t(F_hr)))`` (see
     :class:`upfeat.losses.MultiViewLoss`), averaged over views.
+
+    Several backbones (a backbone-agnostic upsampler, e.g. ``jbu_stack`` with
+    ``residual=False``): one shared upsampler, and per backbone its own downsampler and loss
+    (``downsampler`` / ``criterion`` are then ``nn.ModuleList``s, indexed by ``which``).
     """
 
-    def __init__(self, upsampler: nn.Module, downsampler: nn.Module, criterion: MultiViewLoss) -> None:
+    def __init__(self, upsampler: nn.Module, downsampler: nn.Module, criterion: nn.Module,
+                 shapes: list[tuple[int, int]] | None = None) -> None:
         super().__init__()
         self.upsampler, self.downsampler, self.criterion = upsampler, downsampler, criterion
+        # per-backbone views of the shared upsampler (same layer modules: not registered twice)
+        self._ups = [upsampler] + [upsampler.for_backbone(d, s, share=True)
+                                   for d, s in (shapes or [])[1:]]
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, dim: int, stride: int) -> MultiViewObjective:
-        up = create_upsampler(cfg.upsampler, dim=dim, stride=stride, **cfg.upsampler_kwargs)
-        down = create_downsampler(cfg.downsampler, dim=dim, stride=stride, **cfg.downsampler_kwargs)
-        crit = MultiViewLoss(dim, proj_dim=cfg.proj_dim, uncertainty=cfg.uncertainty,
-                             tv_weight=cfg.tv_weight, crf_weight=cfg.crf_weight,
-                             kernel_weight=cfg.kernel_weight)
-        return cls(up, down, crit)
+    def from_config(cls, cfg: TrainConfig, dim: int | list[int],
+                    stride: int | list[int]) -> MultiViewObjective:
+        dims = dim if isinstance(dim, list) else [dim]
+        strides = stride if isinstance(stride, list) else [stride]
+        up = create_upsampler(cfg.upsampler, dim=dims[0], stride=strides[0], **cfg.upsampler_kwargs)
+        if len(dims) > 1 and not getattr(up, "agnostic", False):
+            raise ValueError(f"several backbones need a backbone-agnostic upsampler (e.g. jbu_stack "
+                             f"with residual=false), not {cfg.upsampler!r} {cfg.upsampler_kwargs}")
+        downs = [create_downsampler(cfg.downsampler, dim=d, stride=s, **cfg.downsampler_kwargs)
+                 for d, s in zip(dims, strides)]
+        crits = [MultiViewLoss(d, proj_dim=cfg.proj_dim, uncertainty=cfg.uncertainty,
+                               tv_weight=cfg.tv_weight, crf_weight=cfg.crf_weight,
+                               kernel_weight=cfg.kernel_weight) for d in dims]
+        if len(dims) == 1:
+            return cls(up, downs[0], crits[0])
+        return cls(up, nn.ModuleList(downs), nn.ModuleList(crits), list(zip(dims, strides)))
 
     def forward(self, image: torch.Tensor, lr_feats: torch.Tensor, views: list[View],
                 view_images: list[torch.Tensor], view_feats: list[torch.Tensor],
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, which: int = 0) -> dict[str, torch.Tensor]:
         """Mean loss over views.
 
         Args:
             image: ``(B, 3, H, W)`` in [0, 1].  lr_feats: ``(B, C, h, w)`` = ``f(image)``.
             views: jitters; view_images[i] = ``t_i(image)`` ``(B, 3, H, W)``;
             view_feats[i] = ``f(t_i(image))`` ``(B, C, h, w)``.
+            which: index of the backbone that made the features (several backbones).
         """
-        hr = self.upsampler(lr_feats, image)
-        crit, p = self.criterion, self.criterion.proj_dim
+        hr = self._ups[which](lr_feats, image)
+        down, crit = self.downsampler, self.criterion
+        if isinstance(crit, nn.ModuleList):
+            down, crit = down[which], crit[which]
+        p = crit.proj_dim
         # Project once per step, before warping: P·t(F) = t(P·F) and pooling is per channel, so
         # every view then warps and pools proj_dim (+ guidance) channels instead of C (12x less
         # work for C=384; the warp's backward dominated the step otherwise).
         proj = (None if p is None else
                 random_projection(crit.dim, p, generator, device=hr.device, dtype=hr.dtype))
         maps = [hr if proj is None else project(hr, proj)]
-        guide = self.downsampler.guidance(hr) if proj is not None else None
+        guide = down.guidance(hr) if proj is not None else None
         if guide is not None:
             maps.append(guide)
         z, c = torch.cat(maps, 1), maps[0].shape[1]
@@ -58,7 +79,7 @@ class MultiViewObjective(nn.Module):
         total: dict[str, torch.Tensor] = {}
         for view, x_v, f_v in zip(views, view_images, view_feats, strict=True):
             z_v = apply_view(z, view, out_size=tuple(x_v.shape[-2:]))
-            out = crit(f_v, z_v[:, :c], self.downsampler, generator, image=x_v if crf else None,
+            out = crit(f_v, z_v[:, :c], down, generator, image=x_v if crf else None,
                        projection=proj, hr_projected=proj is not None,
                        guidance=z_v[:, c:] if guide is not None else None)
             for k in ("loss", "nll", "crf", "tv", "kernel"):

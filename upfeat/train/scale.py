@@ -19,7 +19,7 @@ from torch import nn
 
 from ..ops import cell_conv
 from ..upsamplers import create_upsampler
-from ..upsamplers.jbu_any import AnyJBU
+from ..upsamplers.jbu_cells import CellJBU
 
 
 def scale_crop(size: int, stride: int) -> int:
@@ -61,11 +61,11 @@ def scale_targets(backbone: nn.Module, image: torch.Tensor) -> tuple[torch.Tenso
 class ScaleObjective(nn.Module):
     """``forward`` = the scale loss of one batch; the module DDP wraps (see the module docstring)."""
 
-    def __init__(self, upsampler: AnyJBU, recon_weight: float = 0.0) -> None:
+    def __init__(self, upsampler: CellJBU, recon_weight: float = 0.0) -> None:
         super().__init__()
         if not getattr(upsampler, "agnostic", False):
             raise ValueError(f"the scale objective trains a backbone-agnostic upsampler "
-                             f"(jbu_any), not {upsampler.name!r}")
+                             f"(jbu_cells), not {upsampler.name!r}")
         self.upsampler, self.recon_weight = upsampler, recon_weight
 
     @classmethod
@@ -86,7 +86,7 @@ class ScaleObjective(nn.Module):
         return {"loss": feat + self.recon_weight * recon, "feat": feat, "recon": recon}
 
 
-def scale_loss(up: AnyJBU, backbone: nn.Module, image: torch.Tensor,
+def scale_loss(up: CellJBU, backbone: nn.Module, image: torch.Tensor,
                recon_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """The scale loss of ``(B, 3, 2S, 2S)`` crops in one call (see :class:`ScaleObjective`)."""
     return ScaleObjective(up, recon_weight)(*scale_targets(backbone, image), backbone.stride)

@@ -11,24 +11,24 @@ Example:
     >>> up(torch.rand(1, 384, 17, 24), torch.rand(1, 3, 230, 333)).shape
     torch.Size([1, 384, 230, 333])
     >>> list_upsamplers()
-    ['bicubic', 'bilinear', 'jbu_any', 'jbu_stack', 'nearest', 'resize_conv', 'upsample_anything']
+    ['bicubic', 'bilinear', 'jbu_cells', 'jbu_stack', 'nearest', 'resize_conv', 'upsample_anything']
 
 Checkpoint = ``up.state_dict()`` (safetensors) + ``up.config()`` (JSON);
 ``create_upsampler(**config)`` rebuilds the module.
 """
 from __future__ import annotations
 
-from . import interp, jbu, jbu_any, upsample_anything  # noqa: F401  (registers the upsamplers)
+from . import interp, jbu, jbu_cells, upsample_anything  # noqa: F401  (registers the upsamplers)
 from ._registry import create_upsampler, get_upsampler_class, list_upsamplers, register_upsampler
 from .base import Geometry, Upsampler, resize_area
 from .interp import Bicubic, Bilinear, Nearest, ResizeConv
 from .jbu import JBULayer, JBUStack
-from .jbu_any import AnyJBU
+from .jbu_cells import CellJBU
 from .upsample_anything import UpsampleAnything
 
 # Upsamplers without learned weights: built by name, no checkpoint (create_model, CLI, eval).
 PARAMETER_FREE = ("nearest", "bilinear", "bicubic", "upsample_anything")
 
-__all__ = ["PARAMETER_FREE", "AnyJBU", "Bicubic", "Bilinear", "Geometry", "JBULayer", "JBUStack", "Nearest",
+__all__ = ["PARAMETER_FREE", "CellJBU", "Bicubic", "Bilinear", "Geometry", "JBULayer", "JBUStack", "Nearest",
            "ResizeConv", "UpsampleAnything", "Upsampler", "create_upsampler", "get_upsampler_class",
            "list_upsamplers", "register_upsampler", "resize_area"]

@@ -72,7 +72,7 @@ class JBULayer(nn.Module):
     """One joint-bilateral upsampling step (×2 by default, any ``output_size`` allowed).
 
     Args:
-        dim: feature channels C.  guidance_dim: guidance channels (3 for RGB).
+        dim: feature channels C (``None``: any, no parameter depends on it).  guidance_dim: guidance channels (3 for RGB).
         range_dim: channels of the range projection ``proj(guidance)``.
         radius: window radius r (k = 2r+1 taps per side).
         kernel_fixup: ``"zero_sum"`` (default): ``w += 0.1·(fix - mean_taps fix)`` so the kernel still
@@ -91,7 +91,7 @@ class JBULayer(nn.Module):
         ``(H', W') = output_size or (2h, 2w)``; the guidance is box-averaged to ``(H', W')``.
     """
 
-    def __init__(self, dim: int, guidance_dim: int = 3, range_dim: int = 32, radius: int = 3,
+    def __init__(self, dim: int | None, guidance_dim: int = 3, range_dim: int = 32, radius: int = 3,
                  kernel_fixup: str = "zero_sum", dropout: float = 0.1, range_kernel: str = "dot",
                  temperature: float = 1.0, sigma: float = 1.0) -> None:
         super().__init__()
@@ -156,7 +156,7 @@ class JBULayer(nn.Module):
         g = check_shape(guidance, ["B", "D", "H", "W"], "guidance")
         check_floating(feats, "feats")
         check_floating(guidance, "guidance")
-        if f["C"] != self.dim or g["D"] != self.guidance_dim or f["B"] != g["B"]:
+        if self.dim not in (None, f["C"]) or g["D"] != self.guidance_dim or f["B"] != g["B"]:
             raise ShapeError(f"JBULayer(dim={self.dim}, guidance_dim={self.guidance_dim}) got feats "
                              f"{tuple(feats.shape)} and guidance {tuple(guidance.shape)}")
         size = (2 * f["h"], 2 * f["w"]) if output_size is None else check_size(output_size)
@@ -188,6 +188,13 @@ class JBUStack(Upsampler):
             stayed below bilinear (see README, "Training").
         residual_dropout: Dropout2d before the final 1x1 conv.
         last_step: ``"jbu"`` or ``"resize"`` (see above).
+        residual: ``False`` drops the ``dim x dim`` conv, the only feature-specific part: the
+            stack is then *backbone-agnostic* (kernels from the image alone, no parameter shaped
+            by ``dim``), one state dict serves every backbone (:meth:`for_backbone`).
+        steps: layers built (default ``ceil(log2(stride))``). A stride needing ``n`` steps runs
+            the *last* ``n`` layers, so each layer always works at the same scale relative to the
+            output (the last at full resolution): an agnostic stack built with ``steps=5`` serves
+            strides 2 to 32.
 
     Shape:
         feats (B, dim, ceil(H/s), ceil(W/s)), image (B, 3, H, W) in [0, 1] -> (B, dim, H', W').
@@ -197,18 +204,51 @@ class JBUStack(Upsampler):
                  kernel_fixup: str = "zero_sum", dropout: float = 0.1,
                  residual_dropout: float = 0.2, last_step: str = "jbu",
                  range_kernel: str = "distance", temperature: float = 400.0,
-                 sigma: float = 0.5) -> None:
+                 sigma: float = 0.5, residual: bool = True, steps: int | None = None) -> None:
+        n = self.steps_for(stride)
+        steps = n if steps is None else steps
+        if not (isinstance(steps, int) and steps >= n):
+            raise ValueError(f"steps must be an int >= ceil(log2(stride)) = {n}, got {steps!r}")
         super().__init__(dim, stride, range_dim=range_dim, radius=radius, kernel_fixup=kernel_fixup,
                          dropout=dropout, residual_dropout=residual_dropout, last_step=last_step,
-                         range_kernel=range_kernel, temperature=temperature, sigma=sigma)
+                         range_kernel=range_kernel, temperature=temperature, sigma=sigma,
+                         residual=residual, steps=steps)
         if last_step not in ("jbu", "resize"):
             raise ValueError(f"last_step must be 'jbu' or 'resize', got {last_step!r}")
         self.last_step = last_step
-        n = max(1, math.ceil(math.log2(stride)))
         self.layers = nn.ModuleList(
-            JBULayer(dim, 3, range_dim, radius, kernel_fixup, dropout, range_kernel, temperature, sigma)
-            for _ in range(n))
-        self.residual = nn.Sequential(nn.Dropout2d(residual_dropout), nn.Conv2d(dim, dim, 1))
+            JBULayer(dim if residual else None, 3, range_dim, radius, kernel_fixup, dropout, range_kernel, temperature, sigma)
+            for _ in range(steps))
+        self.residual = (nn.Sequential(nn.Dropout2d(residual_dropout), nn.Conv2d(dim, dim, 1))
+                         if residual else None)
+
+    @staticmethod
+    def steps_for(stride: int) -> int:
+        """×2 steps a stride needs: ``ceil(log2(stride))``, at least 1."""
+        return max(1, math.ceil(math.log2(stride)))
+
+    @property
+    def agnostic(self) -> bool:
+        """True without the residual conv: no parameter depends on ``dim`` or ``stride``."""
+        return self.residual is None
+
+    def for_backbone(self, dim: int, stride: int, share: bool = False) -> JBUStack:
+        """This stack for features of another ``dim`` / ``stride`` (agnostic stacks only).
+
+        ``share=False``: a copy of the weights; ``True``: the same layer modules (training one
+        upsampler on several backbones).
+        """
+        if not self.agnostic:
+            raise ValueError("only a stack built with residual=False serves other backbones")
+        if self.steps_for(stride) > len(self.layers):
+            raise ValueError(f"stride {stride} needs {self.steps_for(stride)} steps; this stack "
+                             f"has {len(self.layers)} layers")
+        other = type(self)(dim, stride, **self._cfg)
+        if share:
+            other.layers = self.layers
+        else:
+            other.load_state_dict(self.state_dict())
+        return other.train(self.training)
 
     def forward(self, feats: torch.Tensor, image: torch.Tensor,
                 output_size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -218,12 +258,13 @@ class JBUStack(Upsampler):
         # kernel_fixup="featup"), so it commutes with the 1x1 conv and maps constants to
         # themselves: x + 0.1 conv(x) is identical before or after upsampling, and ~h*w/(H*W)
         # times cheaper before (7.4 GMAC -> 0.04 for C=384 at 224 px). Channel dropout commutes too.
-        early = self.layers[0].fixup_mode != "featup"
+        early = self.layers[0].fixup_mode != "featup" or self.residual is None
         (h, w), x = geo.feat, feats
-        if early:
+        if early and self.residual is not None:
             x = x + 0.1 * self.residual(x)
-        for i, layer in enumerate(self.layers):
-            last = i == len(self.layers) - 1 and self.last_step == "jbu"
+        layers = self.layers[len(self.layers) - self.steps_for(self.stride):]
+        for i, layer in enumerate(layers):
+            last = i == len(layers) - 1 and self.last_step == "jbu"
             size = geo.grid if last else (h << (i + 1), w << (i + 1))
             x = layer(x, resize_area(image, size), size)
         x = geo.crop(resize_area(x, geo.grid))  # resize: no-op unless last_step="resize"

@@ -1,6 +1,10 @@
-"""One JBU for every backbone: kernels from the image alone, applied straight to the feature cells.
+"""An experimental backbone-agnostic JBU that weighs whole feature cells (``jbu_cells``).
 
-:class:`AnyJBU` gives every output pixel a convex combination of the ``k x k`` low-res cells
+The shipped any-backbone JBU is :class:`~upfeat.upsamplers.JBUStack` with ``residual=False``;
+this one is the alternative the scale objective (:mod:`upfeat.train.scale`) trains. On the
+development probes it has not beaten that stack yet (README, "Training").
+
+:class:`CellJBU` gives every output pixel a convex combination of the ``k x k`` low-res cells
 around its own cell (:func:`upfeat.ops.cell_kernel` / :func:`~upfeat.ops.cell_conv`, Kopf et al.'s
 joint bilateral upsampling), weighted by
 
@@ -25,8 +29,8 @@ from ._registry import register_upsampler
 from .base import Upsampler, resize_area
 
 
-@register_upsampler("jbu_any")
-class AnyJBU(Upsampler):
+@register_upsampler("jbu_cells")
+class CellJBU(Upsampler):
     """Backbone-agnostic joint bilateral upsampler (see the module docstring).
 
     Args:
@@ -61,7 +65,7 @@ class AnyJBU(Upsampler):
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
         self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma)))
 
-    def for_backbone(self, dim: int, stride: int) -> AnyJBU:
+    def for_backbone(self, dim: int, stride: int) -> CellJBU:
         """A copy sharing these weights, for features of another ``dim`` / ``stride``."""
         other = type(self)(dim, stride, **{k: v for k, v in self._cfg.items()})
         other.load_state_dict(self.state_dict())
