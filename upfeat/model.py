@@ -123,6 +123,15 @@ def resolve(name_or_path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def for_backbone(up: Upsampler, meta: dict, backbone: nn.Module, source: object) -> Upsampler:
+    """``up`` (loaded with ``meta``) made ready for ``backbone``: a backbone-agnostic upsampler is
+    re-shaped to its dim and stride, any other one must match them (:func:`check_backbone`)."""
+    if getattr(up, "agnostic", False):  # kernels from the image only: any dim and stride
+        return up.for_backbone(backbone.dim, backbone.stride).eval()
+    check_backbone(meta, backbone, source)
+    return up
+
+
 def check_backbone(meta: dict, backbone: nn.Module, source: object) -> None:
     """Raise :class:`CheckpointError` unless ``backbone`` has the checkpoint's dim and stride."""
     want = meta["backbone"]
@@ -163,10 +172,7 @@ def shipped_jbu(backbone: nn.Module) -> Upsampler:
     """
     name = jbu_name(getattr(getattr(backbone, "cfg", None), "name", None))
     up, meta = load_upsampler(name)
-    if getattr(up, "agnostic", False):
-        return up.for_backbone(backbone.dim, backbone.stride).eval()
-    check_backbone(meta, backbone, name)
-    return up
+    return for_backbone(up, meta, backbone, name)
 
 
 def has_shipped_jbu() -> bool:
@@ -217,10 +223,7 @@ def load(name_or_path: str | os.PathLike[str], backbone: str | nn.Module | None 
         backbone = backbones.create(meta["backbone"]["name"], **meta["backbone"].get("kwargs", {}))
     elif isinstance(backbone, str):
         backbone = backbones.create(backbone)
-    if getattr(up, "agnostic", False):  # one set of weights for any dim and stride
-        up = up.for_backbone(backbone.dim, backbone.stride).eval()
-    else:
-        check_backbone(meta, backbone, resolve(name_or_path))
+    up = for_backbone(up, meta, backbone, resolve(name_or_path))
     model = UpFeat(backbone, up, meta).eval()
     return model.to(device) if device is not None else model
 
