@@ -123,3 +123,23 @@ def test_torch_hub_from_the_local_clone(tmp_path, monkeypatch):
         torch.testing.assert_close(same(x), ref)
     with pytest.raises(ValueError, match="only exists trained"):
         torch.hub.load(str(REPO), "vits14_focus_jbu", pretrained=False, source="local")
+
+
+def test_nan_empty_and_other_float_dtypes(model):
+    """Issue 15: one NaN pixel is an error naming the count (not a NaN output); float16/64 and
+    bfloat16 images are cast to the model's dtype; an empty image is a ShapeError."""
+    from upfeat._checks import ShapeError
+    x = torch.rand(1, 3, 20, 30, generator=torch.Generator().manual_seed(0))
+    bad = x.clone()
+    bad[0, 1, 3, 4] = float("nan")
+    bad[0, 2, 5, 6] = float("inf")
+    with pytest.raises(ValueError, match=r"img has 2 non-finite values \(1 NaN, 1 Inf\) of 1800"):
+        model(bad)
+    with pytest.raises(ShapeError, match="img is empty"):
+        model(torch.rand(1, 3, 0, 30))
+    with torch.no_grad():
+        ref = model(x)
+        for dtype, tol in ((torch.float64, 1e-6), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)):
+            out = model(x.to(dtype))
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out, ref, atol=tol * ref.abs().max().item(), rtol=0)

@@ -83,7 +83,8 @@ class UpFeat(nn.Module):
         tensors are used as given (on their device, in the autograd graph).
         """
         img = self.as_input(img)
-        return self.upsampler(self.lowres(img), img, output_size)
+        low = self.lowres(img)  # in the backbone's dtype, whatever float dtype img has
+        return self.upsampler(low, img.to(low.dtype), output_size)
 
     @torch.inference_mode()
     def upsample(self, img: torch.Tensor | ImageLike, max_memory: int | str = "4GB",

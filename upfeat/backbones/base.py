@@ -52,7 +52,15 @@ def check_image(img: object, name: str = "img") -> dict[str, int]:
         raise TypeError(f"{name} has dtype torch.uint8: convert it to float in [0, 1] first, "
                         f"e.g. {name}.float() / 255")
     check_floating(img, name)
-    if img.device.type != "meta" and img.numel() > 0:
+    if img.numel() == 0:
+        raise ShapeError(f"{name} is empty: shape {tuple(img.shape)}")
+    if img.device.type != "meta":
+        finite = torch.isfinite(img.detach())
+        if not bool(finite.all()):  # NaN would otherwise spread silently over the whole output
+            nan = int(torch.isnan(img.detach()).sum())
+            raise ValueError(f"{name} has {img.numel() - int(finite.sum())} non-finite values "
+                             f"({nan} NaN, {img.numel() - int(finite.sum()) - nan} Inf) of "
+                             f"{img.numel()}; replace them first, e.g. torch.nan_to_num({name})")
         # Catch the two usual mistakes (0..255 floats, already-normalised images) without
         # rejecting the small overshoot that bicubic resizing produces.
         lo, hi = float(img.detach().min()), float(img.detach().max())
@@ -107,7 +115,9 @@ class Backbone(nn.Module):
         """Patch features of an RGB image.
 
         Args:
-            img: ``(B, 3, H, W)`` floating point, RGB in ``[0, 1]`` (not normalised), any ``H, W``.
+            img: ``(B, 3, H, W)`` floating point, RGB in ``[0, 1]`` (not normalised), any ``H, W``;
+                any float dtype, cast to the backbone's (float32 unless converted). NaN / Inf
+                values are a ``ValueError``, an empty image a ``ShapeError``.
 
         Returns:
             ``(B, dim, ceil(H / stride), ceil(W / stride))`` feature map; prefix (CLS / register)
@@ -122,7 +132,8 @@ class Backbone(nn.Module):
         interpolated to the padded grid.
         """
         dims = check_image(img)
-        x = (img - self._mean.to(img.dtype)) / self._std.to(img.dtype)
+        img = img.to(self._mean.dtype)  # float16/bfloat16/float64 in: the backbone's own dtype
+        x = (img - self._mean) / self._std
         pad_h, pad_w = -dims["H"] % self.stride, -dims["W"] % self.stride
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
