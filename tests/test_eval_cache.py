@@ -97,7 +97,7 @@ def test_disk_cache_survives_the_process(tmp_path):
 
 def test_fingerprint_covers_scalar_buffers():
     """BatchNorm's 0-dim ``num_batches_tracked`` (int64) once crashed the fingerprint of every CNN."""
-    from upfeat.eval.cache import weights_fingerprint
+    from upfeat.checkpoint import weights_fingerprint
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     before = weights_fingerprint(net)

@@ -181,6 +181,7 @@ def test_trained_checkpoint_as_upsampler(tmp_path, monkeypatch):
     (["--format", "pt"], "--format must be one of safetensors, npy, got 'pt'"),
     (["--tile", "100"], "--tile 100 must be a multiple of the stride 14 of vits14_focus, e.g. 98"),
     (["--upsampler", "jbu"], "the shipped checkpoint 'vits14_focus_jbu' is not in this install"),
+    (["--accelerator", "tpu"], "--accelerator must be one of auto, cpu, cuda, gpu, got 'tpu'"),
 ])
 def test_usage_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, args, message):
     import upfeat.model
@@ -249,3 +250,59 @@ def test_output_larger_than_the_free_disk_fails_before_computing(tmp_path, monke
                                       r"only 67.0 GB free"):
         infer.process(model, item, cfg, 4 * 10**9, torch.device("cpu"), notes.append)
     assert notes == [] and not any((tmp_path / "o").iterdir())
+
+
+def test_reruns_redo_stale_truncated_and_other_settings(tmp_path, monkeypatch):
+    """Issue 15: a re-run skips an output only when it is complete and made with the same
+    settings; options are checked even when every output exists."""
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (30, 40, 3), np.uint8)).save("img.png")
+    out = tmp_path / "o" / "img.safetensors"
+    r = upsample_in_process("img.png", "--out", "o", *FAST, "--dtype", "float16")
+    assert r.exit_code == 0 and "wrote 1" in r.stdout, r.output
+    assert read_features(out)[0].dtype == torch.float16
+    r = upsample_in_process("img.png", "--out", "o", *FAST, "--dtype", "float16")
+    assert "skipped 1 already done" in r.stdout
+    # other settings: redone, with a note
+    r = upsample_in_process("img.png", "--out", "o", *FAST, "--dtype", "float32", "--size", "28", "42")
+    assert r.exit_code == 0 and "wrote 1" in r.stdout, r.output
+    assert f"redoing {Path('o') / 'img.safetensors'}: made with other settings" in r.output
+    feats, meta = read_features(out)
+    assert feats.dtype == torch.float32 and feats.shape[1:] == (28, 42) and meta["dtype"] == "float32"
+    # truncated: redone
+    os.truncate(out, 1000)
+    r = upsample_in_process("img.png", "--out", "o", *FAST, "--size", "28", "42")
+    assert "wrote 1" in r.stdout and "incomplete or unreadable" in r.output, r.output
+    assert read_features(out)[0].shape == (384, 28, 42)
+    # a bad option is an error even though everything is done
+    for bad, msg in ((["--upsampler", "nosuch"], "no checkpoint 'nosuch'"),
+                     (["--accelerator", "tpu"], "--accelerator must be one of")):
+        r = upsample_in_process("img.png", "--out", "o", *FAST, "--size", "28", "42", *bad)
+        assert r.exit_code == 2 and msg in r.stderr, r.output
+
+
+def test_stale_temp_files_are_removed_and_sigterm_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (20, 20)).save("a.png")
+    (tmp_path / "o").mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # a pid nobody has now
+    stale = [tmp_path / "o" / f".a.safetensors.{gone}.x1y2.tmp", tmp_path / "o" / ".a.safetensors.k3j4.tmp"]
+    live = tmp_path / "o" / f".a.safetensors.{os.getppid()}.z9z9.tmp"  # a running process's
+    for p in (*stale, live):
+        p.write_bytes(b"0" * 100)
+    r = upsample_in_process("a.png", "--out", "o", *FAST)
+    assert r.exit_code == 0 and "removed 2 temporary file(s) a killed run left" in r.output, r.output
+    assert not any(p.exists() for p in stale) and live.exists()
+    # SIGTERM during a write: SystemExit(143), the temporary file is removed
+    code = ("import os, signal, pathlib\n"
+            "from upfeat.checkpoint import atomic_write\n"
+            "from upfeat.infer import sigterm_as_exit\n"
+            "def write(tmp):\n"
+            "    tmp.write_bytes(b'x' * 1000)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "with sigterm_as_exit():\n"
+            "    atomic_write(pathlib.Path('t') / 'f.bin', write)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 143, r.stderr
+    assert (tmp_path / "t").is_dir() and not list((tmp_path / "t").iterdir())

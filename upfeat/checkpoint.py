@@ -8,12 +8,15 @@ any moment leaves either the old complete file or the new complete file, never a
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -45,7 +48,8 @@ def atomic_write(path: str | os.PathLike[str], write) -> Path:
     """Call ``write(tmp_path)`` then atomically move the finished file to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the writer's pid in the name: a later run can tell a killed writer's file (stale_temps)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -58,6 +62,38 @@ def atomic_write(path: str | os.PathLike[str], write) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """Short hash of a module's class, config name and every parameter/buffer value."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(type(module).__qualname__.encode())
+    h.update(str(getattr(getattr(module, "cfg", None), "name", "")).encode())
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def stale_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """Temporary files of :func:`atomic_write` for ``path`` whose writing process is gone
+    (killed runs leave them; a live writer's, e.g. another rank's, are kept)."""
+    path = Path(path)
+    stale = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # someone else's live process
+        elif pid.isdigit():
+            continue  # ours: being written right now
+        stale.append(tmp)
+    return stale
 
 
 def save_checkpoint(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],

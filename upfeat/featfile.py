@@ -3,7 +3,8 @@
 - ``.safetensors``: tensor ``"features"``, metadata (all strings) ``format``, ``backbone``,
   ``upsampler``, ``source``, ``size`` (``"H W"`` of the features = the processed image),
   ``original_size``, ``stride``, ``dtype``, ``tiles`` (upsampler tiles), ``backbone_tiles``,
-  ``upfeat_version``.
+  ``upfeat_version``, ``settings`` (JSON of what made it: a re-run skips the file only when these
+  match and the file is complete, :func:`complete_meta`).
 - ``.npy``: the array, and the same metadata in ``<stem>.json`` beside it (written first).
 
 The file is created at full size in a temporary file beside the target (disk space reserved up
@@ -24,7 +25,7 @@ import torch
 
 from .checkpoint import atomic_write
 
-__all__ = ["DTYPES", "FORMATS", "read_features", "write_features"]
+__all__ = ["DTYPES", "FORMATS", "complete_meta", "read_features", "write_features"]
 
 FORMATS = ("safetensors", "npy")
 DTYPES = {"float16": (torch.float16, "F16"), "float32": (torch.float32, "F32")}
@@ -88,6 +89,31 @@ def write_features(path: str | os.PathLike[str], shape: tuple[int, int, int], dt
         del arr
 
     return atomic_write(path, write)
+
+
+def complete_meta(path: str | os.PathLike[str]) -> dict[str, str] | None:
+    """The metadata of a finished feature file, or ``None`` when it is missing, truncated,
+    unreadable or not a feature file (so a re-run redoes it). Reads headers only."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            arr = np.load(path, mmap_mode="r")  # raises when the data is shorter than the header says
+            if arr.ndim != 3 or path.stat().st_size != arr.offset + arr.nbytes:
+                return None
+            side = path.with_suffix(".json")
+            return json.loads(side.read_text()) if side.is_file() else None
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > 100_000_000:
+                return None
+            header = json.loads(f.read(n))
+        info = header["features"]
+        if path.stat().st_size != 8 + n + info["data_offsets"][1] or len(info["shape"]) != 3:
+            return None
+        meta = header.get("__metadata__") or {}
+        return meta if meta.get("format") == "upfeat.features/1" else None
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
 
 
 def read_features(path: str | os.PathLike[str]) -> tuple[torch.Tensor, dict[str, str]]:

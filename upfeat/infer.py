@@ -7,7 +7,12 @@ Behaviour (see :func:`run`):
 - Any size: ``--size H W`` / ``--max-side N`` resize the image first; the memory of each image is
   estimated (:mod:`upfeat.memory`) and it is tiled (:mod:`upfeat.tiling`) when one pass would
   exceed ``--max-memory``. Outputs stream to disk through a memory map, so they may exceed RAM.
-- Re-runs skip images whose outputs all exist (``--overwrite`` recomputes them).
+- Re-runs skip an image only when its outputs are complete, readable and made with the same
+  settings (backbone, upsampler and its weights, size, dtype, format, upfeat version: stored in
+  each file); anything else is redone, with a note (``--overwrite`` recomputes everything).
+  Options are checked first, so a bad option is an error even when everything is done.
+- A run stopped by Ctrl-C or SIGTERM removes its temporary file; those of killed runs
+  (SIGKILL, power loss) are removed by the next run into the same folder.
 - A file that fails (unreadable, too large even tiled, disk full) is reported and skipped; the
   others are written. Every output appears atomically (temporary file + rename).
 - Several processes (``--devices N --strategy ddp``, Lightning Fabric): rank ``r`` of ``n`` takes
@@ -16,8 +21,12 @@ Behaviour (see :func:`run`):
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +42,7 @@ from .jobs import Item, list_items, prepare
 
 __all__ = ["Summary", "UpsampleConfig", "process", "run"]
 
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu")
 Note = Callable[..., None]  # note(text, postfix=False): a message line, or the bar's postfix
 
 
@@ -76,6 +86,11 @@ class UpsampleConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {v!r}")
+        if self.accelerator not in ACCELERATORS:
+            raise ValueError(f"--accelerator must be one of {', '.join(ACCELERATORS)}, got "
+                             f"{self.accelerator!r}")
+        if self.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+            raise ValueError(f"--accelerator {self.accelerator}: no CUDA device available")
         if self.strategy not in ("auto", "ddp"):
             raise ValueError(f"--strategy must be auto or ddp, got {self.strategy!r}")
         if self.devices < 1 or self.num_nodes < 1:
@@ -102,9 +117,48 @@ class Summary:
                 f"{len(self.failed)} of {self.total} image(s) -> {out}")
 
 
+def settings_of(cfg: UpsampleConfig, model: torch.nn.Module) -> str:
+    """JSON of everything that shapes an output file's content: stored in it, and compared by
+    re-runs, which skip a file only when it matches (and the file is complete)."""
+    from .checkpoint import weights_fingerprint
+    return json.dumps({"backbone": cfg.backbone, "backbone_kwargs": cfg.backbone_kwargs,
+                       "upsampler": cfg.upsampler, "weights": weights_fingerprint(model.upsampler),
+                       "size": list(cfg.size) if cfg.size else None, "max_side": cfg.max_side,
+                       "dtype": cfg.dtype, "format": cfg.format, "upfeat_version": __version__},
+                      sort_keys=True)
+
+
+def remove_stale_temps(item: Item) -> int:
+    """Delete the temporary files that killed runs left for ``item``'s outputs; how many."""
+    from .checkpoint import stale_temps
+    paths = [item.out, item.out.with_suffix(".json"), *([item.png] if item.png else [])]
+    stale = [t for p in paths for t in stale_temps(p)]
+    for t in stale:
+        t.unlink(missing_ok=True)
+    return len(stale)
+
+
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """SIGTERM raises SystemExit (143) instead of killing the process outright, so temporary
+    files are removed on the way out as on Ctrl-C (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int,
-            device: torch.device, note: Note) -> None:
-    """Compute and write the outputs of one image; raises on failure."""
+            device: torch.device, note: Note, settings: str = "") -> None:
+    """Compute and write the outputs of one image (``settings``: :func:`settings_of`); raises on
+    failure."""
     from .memory import format_bytes, plan_memory
     from .tiling import upsample_tiled
     img, original = prepare(item.src, cfg.size, cfg.max_side)
@@ -126,7 +180,8 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
             "source": str(item.src), "size": f"{H} {W}",
             "original_size": f"{original[0]} {original[1]}", "stride": model.stride,
             "dtype": cfg.dtype, "tiles": mem.plan.n_tiles,
-            "backbone_tiles": mem.backbone_plan.n_tiles, "upfeat_version": __version__}
+            "backbone_tiles": mem.backbone_plan.n_tiles, "upfeat_version": __version__,
+            "settings": settings}
 
     def fill(t: torch.Tensor) -> None:
         out = t[None]
@@ -202,10 +257,8 @@ def run(cfg: UpsampleConfig) -> Summary:
     if not items:
         raise ValueError(f"no images found in {', '.join(cfg.inputs)}")
     summary = Summary(total=len(items))
-    if not cfg.overwrite and all(it.done() for it in items):
-        _show_warnings(caught)
-        summary.skipped = len(items)
-        return summary
+    # options and names are checked before anything is skipped: a bad option is an error even
+    # when every output exists
     torch.manual_seed(0)  # randomly initialised parts are the same in every process and run
     model = create_model(backbones.create(cfg.backbone, **cfg.backbone_kwargs), cfg.upsampler)
     if cfg.viz and model.dim < 3:
@@ -214,6 +267,11 @@ def run(cfg: UpsampleConfig) -> Summary:
     if cfg.tile is not None and cfg.tile % s:
         raise ValueError(f"--tile {cfg.tile} must be a multiple of the stride {s} of "
                          f"{cfg.backbone}, e.g. {max(1, round(cfg.tile / s)) * s}")
+    settings = settings_of(cfg, model)
+    if not cfg.overwrite and all(it.done(settings) for it in items):
+        _show_warnings(caught)
+        summary.skipped = len(items)
+        return summary
     device, rank, world = _launch(cfg)  # after the model: a bad name fails before any launch
     if rank == 0:
         _show_warnings(caught)
@@ -232,18 +290,25 @@ def run(cfg: UpsampleConfig) -> Summary:
         else:
             tqdm.write(text if world == 1 else f"[rank {rank}] {text}")
 
-    for item in bar:
-        if not cfg.overwrite and item.done():
-            summary.skipped += 1
-            continue
-        try:
-            process(model, item, cfg, budget, device, note)
-            summary.written += 1
-        except Exception as e:  # noqa: BLE001  (any per-image failure: report, keep going)
-            summary.failed.append(_one_line(item, e))
-        finally:
-            empty_cache()  # the JBU kernel's buffer pool: sizes change between images
-        bar.set_postfix_str("")
+    with sigterm_as_exit():
+        for item in bar:
+            stale = remove_stale_temps(item)
+            if stale:
+                note(f"removed {stale} temporary file(s) a killed run left for {item.out}")
+            reason = None if cfg.overwrite else item.redo_reason(settings)
+            if reason is None and not cfg.overwrite:
+                summary.skipped += 1
+                continue
+            if reason not in (None, "missing"):
+                note(f"redoing {item.out}: {reason}")
+            try:
+                process(model, item, cfg, budget, device, note, settings)
+                summary.written += 1
+            except Exception as e:  # noqa: BLE001  (any per-image failure: report, keep going)
+                summary.failed.append(_one_line(item, e))
+            finally:
+                empty_cache()  # the JBU kernel's buffer pool: sizes change between images
+            bar.set_postfix_str("")
     bar.close()
     return _gather(summary, world)
 

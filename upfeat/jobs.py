@@ -26,8 +26,23 @@ class Item:
     out: Path
     png: Path | None
 
-    def done(self) -> bool:
-        return self.out.is_file() and (self.png is None or self.png.is_file())
+    def done(self, settings: str | None = None) -> bool:
+        """Outputs complete and readable, and (``settings`` given) made with these settings."""
+        return self.redo_reason(settings) is None
+
+    def redo_reason(self, settings: str | None = None) -> str | None:
+        """Why the outputs must be (re)made, or ``None`` when they are done."""
+        from .featfile import complete_meta
+        if not self.out.is_file():
+            return "missing"
+        meta = complete_meta(self.out)
+        if meta is None:
+            return "incomplete or unreadable"
+        if settings is not None and meta.get("settings") != settings:
+            return "made with other settings"
+        if self.png is not None and not self.png.is_file():
+            return "no --viz image"
+        return None
 
 
 def list_items(inputs: tuple[str, ...], out: str | os.PathLike[str], fmt: str,

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..backbones.base import check_image
+from ..checkpoint import weights_fingerprint
 
 
 class FeatureCache:
@@ -97,17 +98,6 @@ class FeatureCache:
         """Forget the in-memory entries (the disk folder is left alone)."""
         self._mem.clear()
         self.nbytes = 0
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """Short hash of a module's class, config name and every parameter/buffer value."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(type(module).__qualname__.encode())
-    h.update(str(getattr(getattr(module, "cfg", None), "name", "")).encode())
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def image_key(image: torch.Tensor) -> str:
