@@ -11,6 +11,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from . import backbones  # noqa: E402  (after __version__: submodules read it)
 from . import ops  # noqa: E402
+from ._checks import ShapeError, UpfeatError  # noqa: E402
 from .model import UpFeat, create_model, list_pretrained, load  # noqa: E402
 
-__all__ = ["UpFeat", "backbones", "create_model", "list_pretrained", "load", "ops", "__version__"]
+__all__ = ["ShapeError", "UpFeat", "UpfeatError", "backbones", "create_model", "list_pretrained", "load", "ops", "__version__"]

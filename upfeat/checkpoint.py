@@ -16,14 +16,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ._checks import UpfeatError
 
 META_KEY = "upfeat"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UpfeatError, ValueError):
     """A checkpoint file is missing, unreadable, or does not fit what it is loaded into."""
 
 

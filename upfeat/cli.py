@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ._cli_errors import user_errors
+
 app = typer.Typer(help="Sharp, full-resolution features for any vision backbone (FeatUp).",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
@@ -29,6 +31,7 @@ def _json_dict(text: Optional[str], option: str) -> Optional[dict]:
 
 
 @app.command()
+@user_errors
 def train(
     data: Annotated[Optional[list[Path]], typer.Option(help="Image folder(s)/file(s), searched recursively; repeat for several.")] = None,
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, model.safetensors, metrics.csv, loss.png.")] = Path("runs/jbu"),
@@ -92,6 +95,7 @@ def train(
 
 
 @app.command()
+@user_errors
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the demo on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 8000,
@@ -102,6 +106,8 @@ def serve(
     """Local web demo: upload an image, see its low-res and upsampled features side by side."""
     from .serve import serve as run_server
 
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {port}")
     try:
         run_server(host, port, max_upload_mb, max_side, open_browser, echo=typer.echo)
     except ValueError as e:
@@ -113,6 +119,7 @@ def serve(
 
 
 @app.command()
+@user_errors
 def upsample(
     inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).", show_default=False)],
     out: Annotated[Path, typer.Option(help="Output folder: <relative path>.<format> per image.")],
@@ -168,6 +175,7 @@ def upsample(
 
 
 @app.command()
+@user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("demo.png"),
     images: Annotated[Optional[Path], typer.Option(help="Image file or folder (default: the sample photos in ../shared/data/samples beside the clone).", show_default=False)] = None,
@@ -198,6 +206,7 @@ app.add_typer(eval_app, name="eval")
 
 
 @app.command()
+@user_errors
 def implicit(
     image: Annotated[Path, typer.Argument(help="Image file.", show_default=False)],
     out: Annotated[Path, typer.Option(help="Output .safetensors (a <stem>.json sidecar is written beside it).", show_default=False)],

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ._checks import UpfeatError
 from .io import ImageReadError, load_image, to_tensor
 from .model import UpFeat, create_model, jbu_name, list_pretrained, resolve
 from .viz import pca_panels
@@ -31,7 +32,7 @@ DEFAULT_BACKBONE = "vits14_focus"
 MB = 1_000_000
 
 
-class DemoError(Exception):
+class DemoError(UpfeatError):
     """A request the demo refuses: ``status`` is the HTTP code, ``str(err)`` the one-line reason."""
 
     def __init__(self, status: int, message: str) -> None:

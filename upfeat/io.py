@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ._checks import ShapeError
+from ._checks import ShapeError, UpfeatError
 
 __all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "ImageReadError", "find_images",
            "iter_images", "load_image", "to_tensor"]
@@ -50,7 +50,7 @@ PathLike = Union[str, os.PathLike]
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor, Sequence]
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UpfeatError, ValueError):
     """A file that cannot be read as an image; ``str(err)`` is one line naming file and problem.
 
     Attributes:

@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from .._checks import UpfeatError
+
 _TRUE = {"1", "true", "yes", "on"}
 
 
-class OfflineError(RuntimeError):
+class OfflineError(UpfeatError, RuntimeError):
     """Pretrained weights were requested but the hub is unreachable and nothing is cached."""
 
 

@@ -17,6 +17,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .._cli_errors import user_errors
+
 eval_app = typer.Typer(help="Evaluate upsamplers: linear probes (seg, fg/bg, depth) and CAM "
                             "faithfulness.", no_args_is_help=True, add_completion=False,
                        pretty_exceptions_enable=False)
@@ -57,6 +59,7 @@ def _report(result: dict) -> None:
 
 
 @eval_app.command()
+@user_errors
 def probe(
     data: Annotated[Path, typer.Option(help="Dataset root: CamVid/folder layout (ROOT/{train,val}/images + labels|depth) or DAVIS (ROOT/images, ROOT/masks).")],
     upsampler: UpsamplerOpt = "nearest,bilinear",
@@ -95,6 +98,7 @@ def probe(
 
 
 @eval_app.command()
+@user_errors
 def cam(
     data: Annotated[Path, typer.Option(help="Segmentation dataset root (CamVid layout).")],
     upsampler: UpsamplerOpt = "nearest,bilinear",

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import ShapeError, unknown_name
+from .._checks import ShapeError, UpfeatError, unknown_name
 from ..upsamplers import Upsampler, create_upsampler
 from .cache import CachedBackbone
 
@@ -45,7 +45,7 @@ LEARNED = ("jbu", "resize_conv")
 KNOWN = (*INTERP, *TRAINING_FREE, *LARGE, *LEARNED, "implicit")
 
 
-class UpsamplerUnavailable(ValueError):
+class UpsamplerUnavailable(UpfeatError, ValueError):
     """An upsampler that cannot be built here: no usable checkpoint, or its module is missing."""
 
 
