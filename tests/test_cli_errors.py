@@ -40,3 +40,14 @@ def test_upfeat_debug_shows_the_exception(tmp_path, monkeypatch):
     monkeypatch.setenv("UPFEAT_DEBUG", "1")
     r = CliRunner().invoke(app, ["serve", "--port", "80000"])
     assert isinstance(r.exception, ValueError) and "--port must be" in str(r.exception)
+
+
+def test_minor_reproductions():
+    """Issue 15, minor: load("") never reads the current directory; --max-memory 150% refused."""
+    import upfeat
+    from upfeat.memory import parse_bytes
+    with pytest.raises(CheckpointError, match="empty checkpoint name"):
+        upfeat.load("")
+    with pytest.raises(ValueError, match="at most 100%"):
+        parse_bytes("150%")
+    assert parse_bytes("100%") > 0

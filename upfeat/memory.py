@@ -80,6 +80,8 @@ def parse_bytes(text: str | int | float, name: str = "--max-memory") -> int:
                          f"RAM), got {text!r}")
     value = float(m.group(1))
     unit = m.group(2)
+    if unit == "%" and value > 100:
+        raise ValueError(f"{name} is a share of the available RAM: at most 100%, got {text!r}")
     n = int(value / 100 * available_memory()) if unit == "%" else int(value * _UNITS[unit])
     if n <= 0:
         raise ValueError(f"{name} must be positive, got {text!r}")

@@ -111,6 +111,8 @@ def resolve(name_or_path: str | os.PathLike[str]) -> Path:
     """Path of a shipped name, a checkpoint file, or a run folder (its ``model.safetensors``)."""
     if isinstance(name_or_path, str) and name_or_path in PRETRAINED:
         return _WEIGHTS / PRETRAINED[name_or_path]
+    if not str(name_or_path).strip():  # Path("") is the current directory: never load from it
+        raise CheckpointError(f"empty checkpoint name; shipped names: {', '.join(list_pretrained())}")
     p = Path(name_or_path)
     if p.is_dir():
         for cand in (p / "model.safetensors", p / "checkpoints" / "last.safetensors"):
