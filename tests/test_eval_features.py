@@ -99,8 +99,10 @@ def test_learned_spec_loads_the_checkpoint(bb, img, tmp_path):
         resolve(f"jbu={layered}", bb)
 
 
-def test_missing_checkpoint_is_a_clear_error(bb):
-    # default checkpoint name: <backbone>_<name>
+def test_missing_checkpoint_is_a_clear_error(bb, tmp_path, monkeypatch):
+    # without the shipped backbone-agnostic JBU, the default name is <backbone>_<name>
+    import upfeat.model
+    monkeypatch.setattr(upfeat.model, "_WEIGHTS", tmp_path)
     with pytest.raises(UpsamplerUnavailable, match=r"jbu: checkpoint 'tiny_jbu' cannot be loaded"):
         resolve("jbu", bb)
     with pytest.raises(UpsamplerUnavailable, match=r"/no/such/run\.safetensors"):

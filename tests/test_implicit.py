@@ -169,10 +169,14 @@ def test_fit_on_a_base_improves_it(synthetic, fitted_on_base, tmp_path):
     assert torch.equal(loaded.query((20, 33)), fitted_on_base.query((20, 33)))
 
 
-def test_base_arguments(synthetic):
+def test_base_arguments(synthetic, tmp_path, monkeypatch):
     backbone, _, img = synthetic
     sched = get_schedule("fast").replace(pool=2, pca_views=2, steps=1, views=1)
+    if upfeat.model.has_shipped_jbu():  # the shipped JBU serves any backbone
+        f = fit_implicit(img, backbone, schedule=sched.replace(base="jbu"), progress=False)
+        assert f.meta["base"] == "jbu"
     # "jbu" without a shipped checkpoint for this backbone: bilinear, and the field says so
+    monkeypatch.setattr(upfeat.model, "_WEIGHTS", tmp_path)
     f = fit_implicit(img, backbone, schedule=sched.replace(base="jbu"), progress=False)
     assert f.meta["base"] == "bilinear"
     assert fit_implicit(img, backbone, schedule=sched, base="none", progress=False).base is None

@@ -161,7 +161,8 @@ def load_upsampler(name_or_path: str | os.PathLike[str]) -> tuple[Upsampler, dic
         raise CheckpointError(f"{path}: not an upfeat model checkpoint (no upsampler/backbone "
                               f"in its config)")
     try:
-        up = create_upsampler(**meta["upsampler"])
+        with torch.random.fork_rng(devices=[]):  # loading never moves the caller's RNG
+            up = create_upsampler(**meta["upsampler"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot build its upsampler {meta['upsampler']}: {e}") from None
     load_module_state(up, subdict(tensors, "upsampler"), "upsampler", path)

@@ -243,7 +243,8 @@ class JBUStack(Upsampler):
         if self.steps_for(stride) > len(self.layers):
             raise ValueError(f"stride {stride} needs {self.steps_for(stride)} steps; this stack "
                              f"has {len(self.layers)} layers")
-        other = type(self)(dim, stride, **self._cfg)
+        with torch.random.fork_rng(devices=[]):  # the fresh layers' init must not move the caller's RNG
+            other = type(self)(dim, stride, **self._cfg)
         if share:
             other.layers = self.layers
         else:
