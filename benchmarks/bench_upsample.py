@@ -11,25 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import upfeat
+from _timing import median_time
 
 OUT = Path(__file__).resolve().parent / "results"
-
-
-def median_time(fn, repeat: int) -> float:
-    fn()  # warm-up (allocations, lazy conversions)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from _timing import median_time
 from upfeat import backbones
 from upfeat.upsamplers import create_upsampler
 from upfeat.upsamplers.upsample_anything import fit_params, init_params, mix_cells, ua_kernel
@@ -45,16 +45,6 @@ def load(path: Path, side: int) -> torch.Tensor:
     """Photo -> (1, 3, side, side) in [0, 1] (bicubic resize, square)."""
     img = Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (first-call kernel builds, allocator)
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def timings(bb, sides: list[int], threads: list[int], repeats: int, steps: int) -> list[dict]:

@@ -61,8 +61,7 @@ def train(
 ) -> None:
     """Train an upsampler on a folder of images: FeatUp's multi-view consistency loss, or
     (--objective scale) real 2x targets for one JBU shared by several backbones."""
-    from .backbones._hub import OfflineError
-    from .checkpoint import CheckpointError, read_meta
+    from .checkpoint import read_meta
     from .train import TrainConfig, fit
     from .train.engine import CKPT, RUN_STATS
 
@@ -84,13 +83,9 @@ def train(
         base = {k: v for k, v in read_meta(ckpt)["train"].items() if k not in RUN_STATS}
     if not given.get("data") and not base.get("data"):
         raise typer.BadParameter("--data is required (a folder of images)", param_hint="--data")
-    try:
-        cfg = TrainConfig.from_dict({**base, **given, "out": str(out), "resume": resume,
-                                     "progress": progress})
-        path = fit(cfg)
-    except (OfflineError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    cfg = TrainConfig.from_dict({**base, **given, "out": str(out), "resume": resume,
+                                 "progress": progress})
+    path = fit(cfg)  # bad settings, missing files or weights: one line, exit 2 (user_errors)
     typer.echo(f"model: {path}")
 
 
@@ -148,22 +143,16 @@ def upsample(
 
     Exit code 2: usage or setup error (missing input, unknown backbone, bad option), nothing run.
     """
-    from .backbones._hub import OfflineError
-    from .checkpoint import CheckpointError
     from .infer import UpsampleConfig, run
 
-    try:
-        cfg = UpsampleConfig(
-            inputs=tuple(str(p) for p in inputs), out=str(out), backbone=backbone,
-            backbone_kwargs=_json_dict(backbone_args, "--backbone-args") or {},
-            upsampler=upsampler, format=format, viz=viz, size=size, max_side=max_side,
-            dtype=dtype, max_memory=max_memory, tile=tile, overwrite=overwrite,
-            progress=progress, accelerator=accelerator, devices=devices, strategy=strategy,
-            num_nodes=num_nodes)
-        summary = run(cfg)
-    except (OfflineError, CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
-        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
-        raise typer.Exit(2) from None
+    cfg = UpsampleConfig(
+        inputs=tuple(str(p) for p in inputs), out=str(out), backbone=backbone,
+        backbone_kwargs=_json_dict(backbone_args, "--backbone-args") or {},
+        upsampler=upsampler, format=format, viz=viz, size=size, max_side=max_side,
+        dtype=dtype, max_memory=max_memory, tile=tile, overwrite=overwrite,
+        progress=progress, accelerator=accelerator, devices=devices, strategy=strategy,
+        num_nodes=num_nodes)
+    summary = run(cfg)  # setup errors: one line, exit 2 (user_errors)
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return  # rank 0 reports; a non-zero exit here would make Fabric kill the others
@@ -185,16 +174,10 @@ def demo(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Offline demo: one PNG, a row per photo: image | low-res | bilinear | JBU (PCA colours)."""
-    from .backbones._hub import OfflineError
-    from .checkpoint import CheckpointError
     from .figure import demo_figure
 
-    try:
-        fig = demo_figure(out, images, checkpoint, max_side, progress, note=typer.echo,
-                          backbones=backbone)
-    except (OfflineError, CheckpointError, FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
-        raise typer.Exit(2) from None
+    fig = demo_figure(out, images, checkpoint, max_side, progress, note=typer.echo,
+                      backbones=backbone)
     for line in fig.skipped:
         typer.echo(f"skipped: {line}", err=True)
     typer.echo(f"wrote {fig.path} ({len(fig.photos)} photo(s))")
@@ -223,17 +206,11 @@ def implicit(
     """Fit FeatUp's implicit upsampler to one image; the saved field can be queried at any size."""
     import time
 
-    from .backbones._hub import OfflineError
-    from .checkpoint import CheckpointError
     from .upsamplers.implicit.run import fit_file
 
     t0 = time.perf_counter()
-    try:
-        field = fit_file(image, backbone, out, size=size, viz=viz, schedule=schedule,
-                         steps=steps, views=views, seed=seed, progress=progress, base=base)
-    except (OfflineError, CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
-        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
-        raise typer.Exit(2) from None
+    field = fit_file(image, backbone, out, size=size, viz=viz, schedule=schedule,
+                     steps=steps, views=views, seed=seed, progress=progress, base=base)
     s = field.meta["schedule"]
     H, W = field.image_size
     typer.echo(f"{image} ({H}x{W}): {s['name']} schedule, {s['pool']} backbone views, "

@@ -89,11 +89,13 @@ def demo_figure(out: str | os.PathLike[str] = "demo.png",
                   [load(checkpoint, backbone=b) for b in backbones])
     else:
         models = [create_model(b, "jbu") for b in backbones or [DEFAULT_BACKBONE]]
-    names = [m.config.get("backbone", {}).get("name", "backbone") if not backbones else b
-             for m, b in zip(models, backbones or [None] * len(models))]
+    names = backbones or [m.config.get("backbone", {}).get("name", "backbone") for m in models]
     kind = getattr(models[0].upsampler, "name", "")
     note(f"{len(files)} photo(s): {', '.join(names)} + bilinear / {kind}, longer side {max_side} px")
-    result, rows, titles = DemoFigure(Path(out)), [], []
+    bilinears = [create_upsampler("bilinear", dim=m.dim, stride=m.stride) for m in models]
+    heads = [["image", f"low-res {n}", "bilinear", "JBU" if kind == "jbu_stack" else kind]
+             for n in names]
+    result, rows = DemoFigure(Path(out)), []
     for path in tqdm(files, desc="demo", disable=not progress, dynamic_ncols=True):
         try:
             img, _ = prepare(path, None, max_side)
@@ -101,19 +103,16 @@ def demo_figure(out: str | os.PathLike[str] = "demo.png",
             result.skipped.append(str(e))
             continue
         x = to_tensor(img)
-        for model, name in zip(models, names):
-            bilinear = create_upsampler("bilinear", dim=model.dim, stride=model.stride)
+        for model, bilinear in zip(models, bilinears):
             with torch.inference_mode():
                 low = model.lowres(x)
                 ups = [bilinear(low, x)[0], model.upsampler(low, x)[0]]
                 rows.append(pca_panels(x[0], low[0], ups, model.stride))
-            titles.append(["image", f"low-res {name}", "bilinear", "JBU" if kind == "jbu_stack" else kind])
         result.photos.append(path)
     if not rows:
         raise ValueError(f"no readable images in {src}: {'; '.join(result.skipped)}")
     result.path.parent.mkdir(parents=True, exist_ok=True)
-    if len(models) == 1:  # one backbone: column titles on the first row only
-        save_grid(rows, result.path, titles=titles[0], cell_inches=3.6)
-    else:
-        save_grid(rows, result.path, titles=titles, cell_inches=3.6)
+    # one backbone: column titles over the first row; several: each row says its backbone
+    titles = heads[0] if len(models) == 1 else heads * len(result.photos)
+    save_grid(rows, result.path, titles=titles, cell_inches=3.6)
     return result

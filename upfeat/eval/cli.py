@@ -40,15 +40,9 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option(help="Also cache backbone f
 
 
 def _run(fn, **kwargs) -> dict:
-    """Call ``fn``; bad input (a ValueError, incl. checkpoint errors, a missing file, missing
-    weights or an optional module) becomes a one-line ``error: ...`` and exit code 2."""
-    from ..backbones import OfflineError
-
-    try:
-        return fn(log=typer.echo, **kwargs)
-    except (OfflineError, OSError, ImportError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    """Call ``fn`` logging to the terminal; bad input becomes one ``error:`` line, exit code 2,
+    through the commands' :func:`~upfeat._cli_errors.user_errors`."""
+    return fn(log=typer.echo, **kwargs)
 
 
 def _report(result: dict) -> None:
