@@ -93,24 +93,23 @@ def train(
 @user_errors
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the demo on this machine.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 8000,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MB (larger: HTTP 413).")] = 20.0,
+    port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 7860,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MB.")] = 20.0,
     max_side: Annotated[int, typer.Option(help="Images are downscaled to this longer side (pixels) before inference.")] = 640,
+    examples: Annotated[Optional[Path], typer.Option(help="Folder of example photos (default: $UPFEAT_SAMPLES, else ../shared/data/samples from the current directory, when it exists).", show_default=False)] = None,
+    share: Annotated[bool, typer.Option("--share", help="Also make a public Gradio share link (off: nothing leaves this machine).")] = False,
     open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open the page in a web browser.")] = False,
 ) -> None:
-    """Local web demo: upload an image, see its low-res and upsampled features side by side."""
+    """Local web demo (Gradio): upload an image, see its low-res and upsampled features side by side."""
+    from ._samples import default_samples
+    from .io import find_images
     from .serve import serve as run_server
 
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {port}")
-    try:
-        run_server(host, port, max_upload_mb, max_side, open_browser, echo=typer.echo)
-    except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except OSError as e:  # port taken, address not on this machine, no permission
-        typer.echo(f"error: cannot listen on {host}:{port}: {e.strerror or e}", err=True)
-        raise typer.Exit(2) from None
+    folder = examples if examples is not None else default_samples()
+    photos = find_images(folder) if examples is not None or folder.is_dir() else []
+    run_server(host, port, max_upload_mb, max_side, photos, share, open_browser, echo=typer.echo)
 
 
 @app.command()

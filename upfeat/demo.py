@@ -1,22 +1,21 @@
-"""The logic behind ``upfeat serve`` (:mod:`upfeat.serve`), usable without HTTP.
+"""The logic behind the web demo (``upfeat serve``, :mod:`upfeat.serve`), without any UI.
 
-:class:`Demo` takes an uploaded image file's bytes and a (backbone, upsampler) choice and returns
-image | low-res features | upsampled features as PNG data URLs (shared PCA colours), with sizes and
-timings. Uploads are decoded from a :class:`tempfile.TemporaryDirectory` (removed at once; nothing
-else is written), downscaled to ``max_side``, and run one at a time under a lock through a small
-LRU of models keyed by ``(backbone, upsampler)``. Only offered names are accepted, never paths.
+:class:`Demo` takes an image file and a (backbone, upsampler) choice and returns image | low-res
+features | upsampled features as RGB arrays (shared PCA colours), with sizes and timings. Images
+are read with :func:`upfeat.io.load_image` (pixel cap), downscaled to ``max_side``, and run one at
+a time under a lock through a small LRU of models keyed by ``(backbone, upsampler)``. Only offered
+names are accepted, never paths.
 """
 from __future__ import annotations
 
-import base64
-import io
-import tempfile
+import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -25,29 +24,50 @@ from .io import ImageReadError, load_image, to_tensor
 from .model import UpFeat, create_model, jbu_name, list_pretrained, resolve
 from .viz import pca_panels
 
-__all__ = ["Demo", "DemoError", "DemoSettings", "offline_backbones", "upsampler_choices"]
+__all__ = ["Demo", "DemoError", "DemoResult", "DemoSettings", "offline_backbones",
+           "upsampler_choices"]
 
 BASELINES = ("nearest", "bilinear", "bicubic", "upsample_anything")  # no weights needed
 DEFAULT_BACKBONE = "vits14_focus"
-MB = 1_000_000
 
 
-class DemoError(UpfeatError):
-    """A request the demo refuses: ``status`` is the HTTP code, ``str(err)`` the one-line reason."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class DemoError(UpfeatError, ValueError):
+    """A request the demo refuses; ``str(err)`` is the one-line reason shown on the page."""
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Limits of the demo: upload bytes, longer image side, decoded pixels, cached models."""
+    """Limits of the demo: longer image side, decoded pixels, cached models."""
 
-    max_upload_bytes: int = 20 * MB
     max_side: int = 640
     max_pixels: int = 50_000_000
     cache_size: int = 2
+
+
+@dataclass
+class DemoResult:
+    """One run: ``image``, ``lowres``, ``upsampled`` as ``(H, W, 3)`` uint8 RGB arrays (the
+    feature maps in one PCA basis), the sizes and the time of each stage in milliseconds."""
+
+    image: np.ndarray
+    lowres: np.ndarray
+    upsampled: np.ndarray
+    size: tuple[int, int]            # (W, H) after downscaling
+    original_size: tuple[int, int]   # (W, H) of the file
+    grid: tuple[int, int]            # (h, w) backbone cells
+    dim: int
+    backbone: str
+    upsampler: str
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: the sizes and the time taken, stage by stage."""
+        t, (w, h), (gh, gw) = self.timing_ms, self.size, self.grid
+        return (f"Done in {t['total'] / 1000:.2f} s (model load {t['load']:.0f} ms, backbone "
+                f"{t['backbone']:.0f} ms, upsampler {t['upsampler']:.0f} ms, PCA "
+                f"{t['render']:.0f} ms): {w} x {h} image (from {self.original_size[0]} x "
+                f"{self.original_size[1]}), {self.backbone} features {gw} x {gh} x {self.dim}, "
+                f"{self.upsampler} upsampled to {w} x {h}.")
 
 
 def offline_backbones() -> list[str]:
@@ -78,12 +98,9 @@ def upsampler_choices(backbone: str) -> list[str]:
     return [*BASELINES, *(["jbu"] if shipped else [])]
 
 
-def _png_data_url(rgb: torch.Tensor) -> str:
-    """``(3, H, W)`` in [0, 1] -> ``data:image/png;base64,...``."""
-    arr = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+def _rgb(panel: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` in [0, 1] -> ``(H, W, 3)`` uint8."""
+    return (panel.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 class Demo:
@@ -91,17 +108,12 @@ class Demo:
 
     def __init__(self, settings: DemoSettings = DemoSettings(),
                  backbones: list[str] | None = None) -> None:
+        if settings.max_side < 16:
+            raise ValueError(f"max_side must be at least 16 pixels, got {settings.max_side}")
         self.settings = settings
         self.backbones = list(backbones) if backbones is not None else offline_backbones()
         self._models: OrderedDict[tuple[str, str], UpFeat] = OrderedDict()
         self._lock = threading.Lock()
-
-    def options(self) -> dict:
-        """What the page offers: backbones, upsamplers per backbone, and the limits."""
-        return {"backbones": self.backbones, "default_backbone": self.backbones[0],
-                "upsamplers": {b: upsampler_choices(b) for b in self.backbones},
-                "max_side": self.settings.max_side,
-                "max_upload_mb": round(self.settings.max_upload_bytes / MB, 3)}
 
     @property
     def cached(self) -> list[tuple[str, str]]:
@@ -117,37 +129,37 @@ class Demo:
                 self._models[key] = create_model(backbone, upsampler)
             except Exception as e:  # offline, missing checkpoint, bad weights: say which model
                 msg = " ".join(str(e).split())
-                raise DemoError(500, f"cannot load {backbone} + {upsampler}: {msg}") from e
+                raise DemoError(f"cannot load {backbone} + {upsampler}: {msg}") from e
         self._models.move_to_end(key)
         return self._models[key]
 
-    def _decode(self, data: bytes, name: str) -> tuple[Image.Image, list[int]]:
-        """The upload as RGB, downscaled to ``max_side``, and its size ``[W, H]`` before that."""
-        with tempfile.TemporaryDirectory(prefix="upfeat-serve-") as tmp:
-            path = Path(tmp) / "upload"
-            path.write_bytes(data)
-            try:
-                img = load_image(path, max_pixels=self.settings.max_pixels)
-            except ImageReadError as e:
-                raise DemoError(400, f"cannot read {name!r}: {e.problem}") from None
-        side, original = self.settings.max_side, list(img.size)
+    def _decode(self, path: str | os.PathLike[str], name: str) -> tuple[Image.Image, tuple[int, int]]:
+        """The image as RGB, downscaled to ``max_side``, and its size ``(W, H)`` before that."""
+        try:
+            img = load_image(path, max_pixels=self.settings.max_pixels)
+        except ImageReadError as e:
+            raise DemoError(f"cannot read {name!r}: {e.problem}") from None
+        side, original = self.settings.max_side, img.size
         if max(img.size) > side:
             scale = side / max(img.size)
             size = tuple(max(1, round(n * scale)) for n in img.size)
             img = img.resize(size, Image.BICUBIC, reducing_gap=2.0)
         return img, original
 
-    def run(self, data: bytes, backbone: str, upsampler: str, name: str = "upload") -> dict:
-        """Features of one uploaded image file as three PNG data URLs, sizes and timings (ms)."""
+    def run(self, path: str | os.PathLike[str] | None, backbone: str, upsampler: str,
+            name: str | None = None) -> DemoResult:
+        """Features of one image file, as PCA pictures with sizes and timings (ms)."""
+        if path is None or not str(path):
+            raise DemoError("no image: upload one or pick an example")
+        name = name or Path(path).name
         if backbone not in self.backbones:
-            raise DemoError(400, f"unknown backbone {backbone!r}; offered: "
-                                 f"{', '.join(self.backbones)}")
+            raise DemoError(f"unknown backbone {backbone!r}; offered: {', '.join(self.backbones)}")
         if upsampler not in (offered := upsampler_choices(backbone)):
-            raise DemoError(400, f"upsampler {upsampler!r} is not available for {backbone}; "
-                                 f"offered: {', '.join(offered)}")
+            raise DemoError(f"upsampler {upsampler!r} is not available for {backbone}; "
+                            f"offered: {', '.join(offered)}")
         with self._lock, torch.inference_mode():  # one image in memory at a time, start to end
             t0 = time.perf_counter()
-            img, original = self._decode(data, name)
+            img, original = self._decode(path, name)
             x = to_tensor(img)
             stamps = [time.perf_counter()]
             model = self._model(backbone, upsampler)
@@ -156,13 +168,11 @@ class Demo:
             stamps.append(time.perf_counter())
             high = model.upsampler(low, x, None)
             stamps.append(time.perf_counter())
-            (h, w), panels = x.shape[-2:], pca_panels(x[0], low[0], [high[0]], model.stride)
-            del high
-            urls = [_png_data_url(t) for t in panels]
+            panels = [_rgb(t) for t in pca_panels(x[0], low[0], [high[0]], model.stride)]
             stamps.append(time.perf_counter())
         ms = [1000 * (b - a) for a, b in zip(stamps, stamps[1:])]
-        return {"image": urls[0], "lowres": urls[1], "upsampled": urls[2], "size": [w, h],
-                "original_size": original, "grid": list(low.shape[-2:]), "dim": int(low.shape[1]),
-                "backbone": backbone, "upsampler": upsampler,
-                "timing_ms": {"load": ms[0], "backbone": ms[1], "upsampler": ms[2], "render": ms[3],
-                              "total": 1000 * (stamps[-1] - t0)}}
+        return DemoResult(*panels, size=img.size, original_size=original,
+                          grid=tuple(low.shape[-2:]), dim=int(low.shape[1]), backbone=backbone,
+                          upsampler=upsampler,
+                          timing_ms={"load": ms[0], "backbone": ms[1], "upsampler": ms[2],
+                                     "render": ms[3], "total": 1000 * (stamps[-1] - t0)})

@@ -1,165 +1,158 @@
-"""``upfeat serve``: a small local web demo (standard library ``http.server`` only).
+"""``upfeat serve``: the web demo, a Gradio app (optional extra: ``pip install -e ".[demo]"``).
 
-Upload an image, pick a backbone and an upsampler, and see image | low-res features | upsampled
-features as PCA colours, with the time taken (the work is done by :class:`upfeat.demo.Demo`).
-Endpoints:
-
-- ``GET /``: the page; ``GET /api/options``: :meth:`Demo.options` as JSON.
-- ``POST /api/run?backbone=B&upsampler=U&name=FILE``: the raw image file as the body; answers
-  :meth:`Demo.run`'s JSON, or ``{"error": "one line"}`` with status 400 (bad choice, not an
-  image, empty), 404, 411 (no length), 413 (over the upload limit; refused before the body is
-  read when the client sends ``Expect: 100-continue``) or 500 (model failed to load or run).
+Upload an image (or pick an example), choose a backbone and an upsampler, and see image | low-res
+features | upsampled features side by side in PCA colours, with the time taken; the work is done
+by :class:`upfeat.demo.Demo`. Nothing leaves the machine: it listens on 127.0.0.1 unless told
+otherwise, Gradio's analytics are off, there is no share link unless ``share=True``, and uploads
+are removed from Gradio's cache after a few minutes and at exit.
 """
 from __future__ import annotations
 
 import ipaddress
-import json
+import os
 import socket
-import sys
-import traceback
-import webbrowser
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ._serve_page import render_page
-from .demo import DEFAULT_BACKBONE, MB, Demo, DemoError, DemoSettings
+from .demo import Demo, DemoError, DemoSettings, upsampler_choices
 
-__all__ = ["DemoServer", "make_server", "serve"]
+if TYPE_CHECKING:
+    import gradio as gr
 
+__all__ = ["build_app", "launch", "serve"]
 
-class DemoServer(ThreadingHTTPServer):
-    """A threaded HTTP server holding a :class:`Demo`; ``url`` is where to point a browser."""
-
-    daemon_threads = True
-
-    def __init__(self, host: str, port: int, demo: Demo, quiet: bool = False) -> None:
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        super().__init__((host, port), _Handler)
-        self.demo, self.quiet = demo, quiet
-        name = "127.0.0.1" if host in ("", "0.0.0.0") else "[::1]" if host == "::" else \
-            f"[{host}]" if ":" in host else host
-        self.url = f"http://{name}:{self.server_address[1]}/"
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that left: no trace
-            super().handle_error(request, client_address)
+MB = 1_000_000
+INSTALL = 'the web demo needs Gradio: pip install -e ".[demo]"'
+_CLEANUP = (300, 300)  # every 5 min, delete this app's cached uploads/outputs older than 5 min
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: DemoServer
-    protocol_version = "HTTP/1.1"  # keep-alive, and Expect: 100-continue lets us refuse early
-    timeout = 60  # seconds a silent client may hold a thread
+def _gradio():
+    """Gradio, imported with its analytics and Hugging Face telemetry off."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        import gradio
+    except ImportError:
+        raise ImportError(INSTALL) from None
+    return gradio
 
-    def _send(self, status: int, body: bytes, kind: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
 
-    def _json(self, status: int, obj: dict) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json")
+def build_app(demo: Demo, examples: Sequence[str | os.PathLike[str]] = (),
+              max_upload_mb: float = 20.0) -> gr.Blocks:
+    """The demo page as a :class:`gradio.Blocks` (not launched).
 
-    def _too_large(self) -> str | None:
-        """The 413 message if the announced body is over the limit, else ``None``."""
-        limit = self.server.demo.settings.max_upload_bytes
-        length = int(self.headers.get("Content-Length") or 0)
-        if length <= limit:
-            return None
-        return (f"upload is {length / MB:.1f} MB, over the {limit / MB:g} MB limit of this "
-                f"server (start it with `upfeat serve --max-upload-mb N` to allow more)")
+    Element ids (for tests): ``upload``, ``backbone``, ``upsampler``, ``run``, ``status``,
+    ``out-image``, ``out-lowres``, ``out-upsampled``.
+    """
+    gr = _gradio()
+    first = demo.backbones[0]
 
-    def handle_expect_100(self) -> bool:  # refuse before the client sends the body
-        if (msg := self._too_large()) is not None:
-            self.close_connection = True
-            self._json(413, {"error": msg})
-            return False
-        return super().handle_expect_100()
+    def on_backbone(backbone: str):
+        names = upsampler_choices(backbone)
+        return gr.Dropdown(choices=names, value=_preferred(names))
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        path = urlsplit(self.path).path
-        if path in ("/", "/index.html"):
-            self._send(200, render_page(self.server.demo.options()), "text/html; charset=utf-8")
-        elif path == "/api/options":
-            self._json(200, self.server.demo.options())
-        else:
-            self._json(404, {"error": f"no page {path}"})
-
-    def do_POST(self) -> None:  # noqa: N802
-        status, answer = self._run()
-        self._json(status, answer)
-
-    def _run(self) -> tuple[int, dict]:
-        """Status and JSON answer of ``POST /api/run``; never raises."""
-        url = urlsplit(self.path)
+    def on_run(path: str | None, backbone: str, upsampler: str):
         try:
-            if url.path != "/api/run":
-                raise DemoError(404, f"no endpoint {url.path}; POST the image to /api/run")
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
-                raise DemoError(411, "send the image with a Content-Length header")
-            if (msg := self._too_large()) is not None:
-                self._discard(int(length))
-                raise DemoError(413, msg)
-            data = self.rfile.read(int(length))
-            if not data:
-                raise DemoError(400, "empty upload: choose an image file")
-            q = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            choice = q.get("backbone", DEFAULT_BACKBONE), q.get("upsampler", "bilinear")
-            return 200, self.server.demo.run(data, *choice, q.get("name", "upload"))
+            r = demo.run(path, backbone, upsampler)
         except DemoError as e:
-            return e.status, {"error": str(e)}
-        except Exception as e:  # a bug or out of memory: one line on the page, the trace in the log
-            self.log_error("%s", traceback.format_exc())
-            return 500, {"error": f"internal error ({type(e).__name__}: {e}); see the server log"}
+            raise gr.Error(str(e), print_exception=False) from None
+        (w, h), (gh, gw) = r.size, r.grid
+        return (gr.Image(r.image, label=f"image {w} x {h}"),
+                gr.Image(r.lowres, label=f"low-res {r.backbone} features, {gw} x {gh} x {r.dim}"),
+                gr.Image(r.upsampled, label=f"{r.upsampler} upsampled, {w} x {h} x {r.dim}"),
+                r.summary())
 
-    def _discard(self, length: int, cap: int = 256 * MB) -> None:
-        """Read and drop an oversized body (up to ``cap``) so the client can read our 413."""
-        if length > cap:
-            self.close_connection = True
-            return
-        while length > 0 and (chunk := self.rfile.read(min(length, 1 << 16))):
-            length -= len(chunk)
+    note = (f"Images are downscaled so that their longer side is at most {demo.settings.max_side} "
+            f"px before inference; uploads up to {max_upload_mb:g} MB. Colours: the first three "
+            f"PCA components of the low-res features, the same for both maps.")
+    with gr.Blocks(title="upfeat demo", analytics_enabled=False, delete_cache=_CLEANUP) as app:
+        gr.Markdown("# upfeat: sharp features, live")
+        gr.Markdown(note, elem_id="note")
+        with gr.Row():
+            upload = _image_file(gr)(type="filepath", label="image", sources=["upload", "clipboard"],
+                              elem_id="upload", height=320)
+            with gr.Column():
+                backbone = gr.Dropdown(demo.backbones, value=first, label="backbone",
+                                       elem_id="backbone")
+                names = upsampler_choices(first)
+                upsampler = gr.Dropdown(names, value=_preferred(names), label="upsampler",
+                                        elem_id="upsampler")
+                run = gr.Button("Upsample features", variant="primary", elem_id="run")
+        status = gr.Markdown(elem_id="status")
+        with gr.Row():
+            outs = [gr.Image(label=label, elem_id=f"out-{key}", interactive=False, format="png")
+                    for key, label in (("image", "image"), ("lowres", "low-res features"),
+                                       ("upsampled", "upsampled features"))]
+        if examples:
+            gr.Examples([[str(p)] for p in examples], inputs=[upload], label="examples")
+        backbone.change(on_backbone, backbone, upsampler)
+        # clear the last result first: a failed run never leaves a stale picture on the page
+        run.click(lambda: (None, None, None, ""), None, [*outs, status], queue=False).then(
+            on_run, [upload, backbone, upsampler], [*outs, status])
+    return app
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (base signature)
-        if not self.server.quiet:
-            super().log_message(format, *args)
+
+def _image_file(gr):
+    """``gr.Image`` whose upload reaches the app as the file's path, unread: upfeat decodes it
+    (pixel cap, any mode) and names what is wrong with a bad file in one line."""
+    class ImageFile(gr.Image):
+        is_template = True  # drawn by the frontend as its parent, gr.Image
+
+        def preprocess(self, payload):
+            return payload.path if payload is not None and payload.path else super().preprocess(payload)
+
+    return ImageFile
 
 
-def make_server(host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 20.0,
-                max_side: int = 640, quiet: bool = False) -> DemoServer:
-    """A ready (bound, not yet serving) demo server; ``port=0`` picks a free port."""
+def _preferred(names: list[str]) -> str:
+    return "jbu" if "jbu" in names else "bilinear"
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def launch(host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 20.0,
+           max_side: int = 640, examples: Sequence[str | os.PathLike[str]] = (),
+           share: bool = False, open_browser: bool = False, block: bool = True,
+           quiet: bool = False, demo: Demo | None = None) -> tuple[gr.Blocks, str]:
+    """Start the demo; returns the app and its local URL (with ``block=False``, at once).
+
+    ``port=0`` picks a free port. Raises ``ValueError`` for bad limits, ``OSError`` when the
+    address cannot be listened on, ``ImportError`` (one line) without Gradio.
+    """
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {port}")
     if not max_upload_mb > 0:
         raise ValueError(f"max_upload_mb must be > 0, got {max_upload_mb}")
-    if max_side < 16:
-        raise ValueError(f"max_side must be at least 16 pixels, got {max_side}")
-    demo = Demo(DemoSettings(max_upload_bytes=int(max_upload_mb * MB), max_side=max_side))
-    return DemoServer(host, port, demo, quiet=quiet)
-
-
-def serve(host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 20.0,
-          max_side: int = 640, open_browser: bool = False,
-          echo: Callable[[str], object] = print) -> None:
-    """Run the demo until Ctrl-C, telling ``echo`` the URL (and a warning off loopback)."""
-    server = make_server(host, port, max_upload_mb, max_side)
+    demo = demo or Demo(DemoSettings(max_side=max_side))
+    app = build_app(demo, examples, max_upload_mb)
+    if port == 0:
+        port = _free_port(host)
     try:
-        echo(f"upfeat demo at {server.url} (Ctrl-C to stop)")
-        if not _is_loopback(host):
-            echo(f"warning: listening on {host}, reachable from other machines, without "
-                 f"authentication; use --host 127.0.0.1 to keep it local")
-        if open_browser:
-            webbrowser.open(server.url)
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+        app.queue(default_concurrency_limit=1).launch(
+            server_name=host, server_port=port, share=share, inbrowser=open_browser,
+            prevent_thread_lock=not block, quiet=quiet, max_file_size=int(max_upload_mb * MB),
+            allowed_paths=sorted({str(Path(p).resolve().parent) for p in examples}),
+            ssr_mode=False, mcp_server=False, footer_links=[], show_error=True)
+    except OSError as e:  # port taken, address not on this machine, no permission
+        raise OSError(f"cannot listen on {host}:{port}: {' '.join(str(e).split())}") from None
+    return app, app.local_url
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 20.0,
+          max_side: int = 640, examples: Sequence[str | os.PathLike[str]] = (),
+          share: bool = False, open_browser: bool = False,
+          echo: Callable[[str], object] = print) -> None:
+    """Run the demo until Ctrl-C (what ``upfeat serve`` does), with a warning off loopback."""
+    if not _is_loopback(host) or share:
+        echo(f"warning: {'a public share link' if share else f'listening on {host}'} makes the "
+             f"demo reachable from other machines, without authentication")
+    launch(host, port, max_upload_mb, max_side, examples, share, open_browser, block=True)
 
 
 def _is_loopback(host: str) -> bool:

@@ -1,0 +1,16 @@
+"""Where the sample photos are by default (``upfeat demo``, ``upfeat serve``): the folder named by
+the environment variable ``UPFEAT_SAMPLES``, else ``../shared/data/samples`` from the current
+directory (a clone's root, with the shared data beside it). The library never guesses: its
+functions take the photos as an argument."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SAMPLES_ENV = "UPFEAT_SAMPLES"
+
+
+def default_samples() -> Path:
+    """``$UPFEAT_SAMPLES`` if set, else ``../shared/data/samples`` relative to the current directory."""
+    env = os.environ.get(SAMPLES_ENV, "").strip()
+    return Path(env) if env else Path.cwd().parent / "shared" / "data" / "samples"
