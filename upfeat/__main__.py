@@ -1,3 +1,5 @@
-from .cli import app
+"""``python -m upfeat``: the command line."""
+from .cli import main
 
-app(prog_name="upfeat")
+if __name__ == "__main__":
+    main()

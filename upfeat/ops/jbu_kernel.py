@@ -26,7 +26,7 @@ def spatial_log_kernel(k: int, sigma: torch.Tensor | float, device=None, dtype=N
     """Log of the spatial Gaussian over a k x k window: ``-d²/(2σ²)``, shape (k*k,).
 
     Example:
-        >>> spatial_log_kernel(3, 1.0).view(3, 3)
+        >>> spatial_log_kernel(3, 1.0).view(3, 3) + 0.0  # + 0.0: the centre prints as 0, not -0
         tensor([[-1.0000, -0.5000, -1.0000],
                 [-0.5000,  0.0000, -0.5000],
                 [-1.0000, -0.5000, -1.0000]])

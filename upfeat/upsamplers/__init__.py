@@ -8,8 +8,8 @@ stays aligned with pixels ``[i*s, (i+1)*s) x [j*s, (j+1)*s)`` for any image size
 Example:
     >>> import torch
     >>> up = create_upsampler("jbu_stack", dim=384, stride=14)
-    >>> up(torch.rand(1, 384, 17, 24), torch.rand(1, 3, 230, 333)).shape
-    torch.Size([1, 384, 230, 333])
+    >>> up(torch.rand(1, 384, 4, 5), torch.rand(1, 3, 44, 61)).shape  # h, w = ceil(H/14), ceil(W/14)
+    torch.Size([1, 384, 44, 61])
     >>> list_upsamplers()
     ['bicubic', 'bilinear', 'jbu_cells', 'jbu_stack', 'nearest', 'resize_conv', 'upsample_anything']
 
