@@ -52,8 +52,8 @@ def test_default_photos_are_the_shared_samples_or_the_env_var(data_dir, tmp_path
 
 def test_figure_rows_with_the_shipped_checkpoint(photos, tmp_path, monkeypatch):
     weights = tmp_path / "weights"
-    save_untrained_model(weights / "vits14_focus_jbu.safetensors")
-    monkeypatch.setattr(upfeat.model, "_WEIGHTS", weights)
+    save_untrained_model(weights / "jbu.safetensors")
+    monkeypatch.setattr(upfeat.upsamplers.pretrained, "WEIGHTS", weights)
     grids = []
     real_save_grid = figure.save_grid
     monkeypatch.setattr(figure, "save_grid", lambda rows, path, **kw: (
@@ -103,7 +103,7 @@ def test_checkpoint_option_takes_a_run_folder(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("case,message", [
-    ("no_shipped", "the shipped JBU checkpoint vits14_focus_jbu is not in this install"),
+    ("no_shipped", "the shipped weights 'jbu' (jbu_stack:agnostic) are not in this install"),
     ("no_samples", "expected in ../shared/data beside the repository clone, or in $UPFEAT_SAMPLES); pass --images DIR"),
     ("missing_images", "no such image file or folder: nowhere; pass --images DIR"),
     ("bad_checkpoint", "not a readable safetensors file"),
@@ -112,7 +112,7 @@ def test_checkpoint_option_takes_a_run_folder(data_dir, tmp_path):
 ])
 def test_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, case, message):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(upfeat.model, "_WEIGHTS", tmp_path / "no-weights")
+    monkeypatch.setattr(upfeat.upsamplers.pretrained, "WEIGHTS", tmp_path / "no-weights")
     (tmp_path / "empty").mkdir()
     (tmp_path / "fake.safetensors").write_text("not a checkpoint")
     monkeypatch.delenv("UPFEAT_SAMPLES", raising=False)  # the cwd is tmp_path: no ../shared

@@ -102,8 +102,8 @@ def test_learned_spec_loads_the_checkpoint(bb, img, tmp_path):
 def test_missing_checkpoint_is_a_clear_error(bb, tmp_path, monkeypatch):
     # without the shipped backbone-agnostic JBU, the default name is <backbone>_<name>
     import upfeat.model
-    monkeypatch.setattr(upfeat.model, "_WEIGHTS", tmp_path)
-    with pytest.raises(UpsamplerUnavailable, match=r"jbu: checkpoint 'tiny_jbu' cannot be loaded"):
+    monkeypatch.setattr(upfeat.upsamplers.pretrained, "WEIGHTS", tmp_path)
+    with pytest.raises(UpsamplerUnavailable, match=r"jbu: checkpoint 'jbu' cannot be loaded: .*shipped weights 'jbu' \(jbu_stack:agnostic\) are not in this install"):
         resolve("jbu", bb)
     with pytest.raises(UpsamplerUnavailable, match=r"/no/such/run\.safetensors"):
         resolve("jbu=/no/such/run.safetensors", bb)

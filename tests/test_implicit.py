@@ -176,7 +176,7 @@ def test_base_arguments(synthetic, tmp_path, monkeypatch):
         f = fit_implicit(img, backbone, schedule=sched.replace(base="jbu"), progress=False)
         assert f.meta["base"] == "jbu"
     # "jbu" without a shipped checkpoint for this backbone: bilinear, and the field says so
-    monkeypatch.setattr(upfeat.model, "_WEIGHTS", tmp_path)
+    monkeypatch.setattr(upfeat.upsamplers.pretrained, "WEIGHTS", tmp_path)
     f = fit_implicit(img, backbone, schedule=sched.replace(base="jbu"), progress=False)
     assert f.meta["base"] == "bilinear"
     assert fit_implicit(img, backbone, schedule=sched, base="none", progress=False).base is None
@@ -244,7 +244,7 @@ def test_cli(tmp_path):
     assert " s -> " in res.output and out.is_file() and viz.is_file()
     loaded = ImplicitFeatures.load(out)
     assert loaded.query().shape == (1, 384, 28, 42)
-    base = upfeat.model.jbu_name("vits14_focus")  # the shipped JBU
+    base = "jbu"  # the shipped JBU
     assert loaded.meta["base"] == base and f"on the {base} base" in res.output
     shipped = Path(upfeat.__file__).parent / "weights" / "vits14_focus_jbu.safetensors"
     for base, label in (("none", "none"), (str(shipped), str(shipped))):

@@ -99,12 +99,12 @@ def test_torch_hub_from_the_local_clone(tmp_path, monkeypatch):
 
     from ._utils import save_untrained_model
 
-    monkeypatch.setattr(upfeat.model, "_WEIGHTS", tmp_path / "empty")
-    with pytest.raises(CheckpointError, match="shipped checkpoint 'vits14_focus_jbu' is not in "
-                                              "this install"):
+    monkeypatch.setattr(upfeat.upsamplers.pretrained, "WEIGHTS", tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="shipped weights 'vits14_focus_jbu' "
+                                              r"\(jbu_stack:vits14_focus\) are not in this install"):
         torch.hub.load(str(REPO), "vits14_focus_jbu", source="local")
     save_untrained_model(tmp_path / "weights" / "vits14_focus_jbu.safetensors")
-    monkeypatch.setattr(upfeat.model, "_WEIGHTS", tmp_path / "weights")
+    monkeypatch.setattr(upfeat.upsamplers.pretrained, "WEIGHTS", tmp_path / "weights")
     up = torch.hub.load(str(REPO), "vits14_focus_jbu", source="local")
     assert isinstance(up, upfeat.UpFeat) and not up.training
     assert (up.dim, up.stride, up.upsampler.name) == (384, 14, "jbu_stack")

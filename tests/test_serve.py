@@ -85,7 +85,7 @@ def test_jbu_offered_once_its_checkpoint_exists(focus_ok, data_dir, tmp_path, mo
     from upfeat.checkpoint import save_checkpoint
     from upfeat.upsamplers import create_upsampler
 
-    monkeypatch.setattr(upfeat.model, "_WEIGHTS", tmp_path)
+    monkeypatch.setattr(upfeat.upsamplers.pretrained, "WEIGHTS", tmp_path)
     assert "jbu" not in upsampler_choices("vits14_focus")
     up = create_upsampler("jbu_stack", dim=384, stride=14, steps=5, residual=False)
     save_checkpoint(tmp_path / "jbu.safetensors",

@@ -180,13 +180,13 @@ def test_trained_checkpoint_as_upsampler(tmp_path, monkeypatch):
     (["--max-memory", "lots"], "--max-memory must be a size like 4GB"),
     (["--format", "pt"], "--format must be one of safetensors, npy, got 'pt'"),
     (["--tile", "100"], "--tile 100 must be a multiple of the stride 14 of vits14_focus, e.g. 98"),
-    (["--upsampler", "jbu"], "the shipped checkpoint 'vits14_focus_jbu' is not in this install"),
+    (["--upsampler", "jbu"], "the shipped weights 'jbu' (jbu_stack:agnostic) are not in this install"),
     (["--accelerator", "tpu"], "--accelerator must be one of auto, cpu, cuda, gpu, got 'tpu'"),
 ])
 def test_usage_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, args, message):
     import upfeat.model
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(upfeat.model, "_WEIGHTS", tmp_path / "no-weights")
+    monkeypatch.setattr(upfeat.upsamplers.pretrained, "WEIGHTS", tmp_path / "no-weights")
     Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
     r = upsample_in_process("a.png", "--out", "o", *FAST, *args)
     assert r.exit_code == 2, r.output

@@ -9,9 +9,21 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+local"
 
-from . import backbones  # noqa: E402  (after __version__: submodules read it)
-from . import ops  # noqa: E402
 from ._checks import ShapeError, UpfeatError  # noqa: E402
-from .model import UpFeat, create_model, list_pretrained, load  # noqa: E402
+
+# The rest on first use (PEP 562): `import upfeat.upsamplers` must not pull in every backbone.
+_LAZY = {"UpFeat": "model", "create_model": "model", "list_pretrained": "model", "load": "model",
+         "backbones": None, "ops": None}
+
+
+def __getattr__(name: str):
+    import importlib
+    if name not in _LAZY:
+        raise AttributeError(f"module 'upfeat' has no attribute {name!r}")
+    module = importlib.import_module(f".{_LAZY[name] or name}", __name__)
+    value = module if _LAZY[name] is None else getattr(module, name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["ShapeError", "UpFeat", "UpfeatError", "backbones", "create_model", "list_pretrained", "load", "ops", "__version__"]

@@ -21,13 +21,13 @@ from PIL import Image
 
 from ._checks import UpfeatError
 from .io import ImageReadError, load_image, to_tensor
-from .model import UpFeat, create_model, jbu_name, list_pretrained, resolve
+from .model import SHIPPED_JBU, UpFeat, create_model, has_shipped_jbu
+from .upsamplers import PARAMETER_FREE
 from .viz import pca_panels
 
 __all__ = ["Demo", "DemoError", "DemoResult", "DemoSettings", "offline_backbones",
            "upsampler_choices"]
 
-BASELINES = ("nearest", "bilinear", "bicubic", "upsample_anything")  # no weights needed
 DEFAULT_BACKBONE = "vits14_focus"
 
 
@@ -93,9 +93,7 @@ def offline_backbones() -> list[str]:
 def upsampler_choices(backbone: str) -> list[str]:
     """``nearest``, ``bilinear``, ``bicubic``, ``upsample_anything``, plus ``jbu`` when the
     shipped JBU is installed (it serves every backbone)."""
-    name = jbu_name(backbone)
-    shipped = name in list_pretrained() and resolve(name).is_file()
-    return [*BASELINES, *(["jbu"] if shipped else [])]
+    return [*PARAMETER_FREE, *([SHIPPED_JBU] if has_shipped_jbu() else [])]
 
 
 def _rgb(panel: torch.Tensor) -> np.ndarray:

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError
 from .io import ImageReadError, find_images, to_tensor
 from .jobs import prepare
-from .model import create_model, jbu_name, load, resolve
+from .model import SHIPPED_JBU, create_model, load
+from .upsamplers.pretrained import weights_file
 from .upsamplers import create_upsampler
 from .viz import pca_panels, save_grid
 
@@ -64,11 +65,11 @@ def demo_figure(out: str | os.PathLike[str], images: str | os.PathLike[str],
     src = Path(images)
     if not src.exists():
         raise FileNotFoundError(f"no such image file or folder: {src}; pass --images DIR")
-    shipped = jbu_name(DEFAULT_BACKBONE)
-    if checkpoint is None and not resolve(shipped).is_file():
-        raise CheckpointError(f"the shipped JBU checkpoint {shipped} is not in this install "
-                              f"({resolve(shipped)} is missing); pass --checkpoint PATH with a run "
-                              f"folder or model.safetensors from `upfeat train`")
+    if checkpoint is None:
+        try:
+            weights_file(SHIPPED_JBU)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; or pass --checkpoint PATH") from None
     with warnings.catch_warnings(record=True) as caught:  # non-image files: one line each
         warnings.simplefilter("always")
         files = find_images(src)

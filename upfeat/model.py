@@ -1,14 +1,14 @@
 """Backbone + trained upsampler as one ``nn.Module``, and loading it by name or path.
 
-``upfeat.load("vits14_focus_jbu")`` loads a checkpoint shipped inside the package
-(``upfeat.create_model(any_backbone, "jbu")`` the backbone-agnostic one, :data:`SHIPPED_JBU`);
+Upsampler names are resolved by :mod:`upfeat.upsamplers.pretrained` (``jbu``,
+``jbu_stack:vits14_focus``, ...): ``upfeat.create_model(any_backbone, "jbu")`` gives the shipped
+backbone-agnostic JBU, ``upfeat.load("jbu:vits14_focus")`` the one trained on ``vits14_focus``;
 ``upfeat.load(path)`` any checkpoint written by ``upfeat train`` (its ``model.safetensors``, its
 run folder, or a training checkpoint ``checkpoints/last.safetensors``).
 """
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,18 +18,12 @@ from . import backbones
 from .checkpoint import CheckpointError, in_folder, load_checkpoint, load_module_state, subdict
 from .io import ImageLike, to_tensor
 from .upsamplers import Upsampler, create_upsampler
+from .upsamplers.pretrained import (check_backbone, for_backbone, is_name, list_pretrained,
+                                    load_upsampler, resolve_name, weights_file)
 
-_WEIGHTS = Path(__file__).parent / "weights"
-# name -> file in upfeat/weights (safetensors + a JSON sidecar with the same stem)
-PRETRAINED = {"jbu": "jbu.safetensors", "vits14_focus_jbu": "vits14_focus_jbu.safetensors"}
 # What "jbu" means everywhere (create_model, CLI, eval, demo): one backbone-agnostic checkpoint
 # whose kernels depend on the image only, so it serves every backbone, dim and stride.
 SHIPPED_JBU = "jbu"
-
-
-def list_pretrained() -> list[str]:
-    """Names accepted by :func:`load` besides paths."""
-    return sorted(PRETRAINED)
 
 
 class UpFeat(nn.Module):
@@ -108,9 +102,10 @@ class UpFeat(nn.Module):
 
 
 def resolve(name_or_path: str | os.PathLike[str]) -> Path:
-    """Path of a shipped name, a checkpoint file, or a run folder (its ``model.safetensors``)."""
-    if isinstance(name_or_path, str) and name_or_path in PRETRAINED:
-        return _WEIGHTS / PRETRAINED[name_or_path]
+    """Path of shipped weights (a name, :func:`list_pretrained`), a checkpoint file, or a run
+    folder's checkpoint (:func:`upfeat.checkpoint.in_folder`)."""
+    if is_name(name_or_path):
+        return weights_file(name_or_path)
     if not str(name_or_path).strip():  # Path("") is the current directory: never load from it
         raise CheckpointError(f"empty checkpoint name; shipped names: {', '.join(list_pretrained())}")
     p = Path(name_or_path)
@@ -122,68 +117,9 @@ def resolve(name_or_path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def for_backbone(up: Upsampler, meta: dict, backbone: nn.Module, source: object) -> Upsampler:
-    """``up`` (loaded with ``meta``) made ready for ``backbone``: a backbone-agnostic upsampler is
-    re-shaped to its dim and stride, any other one must match them (:func:`check_backbone`)."""
-    if getattr(up, "agnostic", False):  # kernels from the image only: any dim and stride
-        return up.for_backbone(backbone.dim, backbone.stride).eval()
-    check_backbone(meta, backbone, source)
-    return up
-
-
-def check_backbone(meta: dict, backbone: nn.Module, source: object) -> None:
-    """Raise :class:`CheckpointError` unless ``backbone`` has the checkpoint's dim and stride."""
-    want = meta["backbone"]
-    got = getattr(getattr(backbone, "cfg", None), "name", type(backbone).__name__)
-    if (backbone.dim, backbone.stride) != (want["dim"], want["stride"]):
-        raise CheckpointError(
-            f"{source} was trained for backbone {want['name']!r} (dim {want['dim']}, stride "
-            f"{want['stride']}), but backbone {got!r} has dim {backbone.dim}, stride "
-            f"{backbone.stride}; train an upsampler for it: upfeat train --backbone {got} ...")
-    if got != want["name"]:
-        warnings.warn(f"{source} was trained on {want['name']!r} features, used with {got!r} "
-                      f"(same dim and stride)", stacklevel=3)
-
-
-def load_upsampler(name_or_path: str | os.PathLike[str]) -> tuple[Upsampler, dict]:
-    """The trained upsampler of a checkpoint and the checkpoint's JSON config."""
-    path = resolve(name_or_path)
-    if name_or_path in PRETRAINED and not path.is_file():
-        raise CheckpointError(f"the shipped checkpoint {name_or_path!r} is not in this install "
-                              f"({path} is missing); train one with `upfeat train` and load its "
-                              f"run folder or model.safetensors instead")
-    tensors, meta = load_checkpoint(path)
-    if "upsampler" not in meta or "backbone" not in meta:
-        raise CheckpointError(f"{path}: not an upfeat model checkpoint (no upsampler/backbone "
-                              f"in its config)")
-    try:
-        with torch.random.fork_rng(devices=[]):  # loading never moves the caller's RNG
-            up = create_upsampler(**meta["upsampler"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot build its upsampler {meta['upsampler']}: {e}") from None
-    load_module_state(up, subdict(tensors, "upsampler"), "upsampler", path)
-    return up.eval(), meta
-
-
-def shipped_jbu(backbone: nn.Module) -> Upsampler:
-    """The shipped JBU (:data:`SHIPPED_JBU`) for ``backbone``'s dim and stride, in eval mode.
-
-    Raises :class:`CheckpointError` when it is not in this install.
-    """
-    name = jbu_name(getattr(getattr(backbone, "cfg", None), "name", None))
-    up, meta = load_upsampler(name)
-    return for_backbone(up, meta, backbone, name)
-
-
 def has_shipped_jbu() -> bool:
     """Whether the shipped backbone-agnostic JBU's weights are in this install."""
-    return (_WEIGHTS / PRETRAINED[SHIPPED_JBU]).is_file()
-
-
-def jbu_name(backbone_name: str | None) -> str:
-    """What ``"jbu"`` loads: the backbone-agnostic :data:`SHIPPED_JBU` when installed, else the
-    per-backbone ``<backbone>_jbu`` (not trained for every backbone yet: issue 13)."""
-    return SHIPPED_JBU if has_shipped_jbu() else f"{backbone_name}_jbu"
+    return resolve_name(SHIPPED_JBU).file.is_file()
 
 
 def load_downsampler(name_or_path: str | os.PathLike[str]) -> nn.Module:
@@ -218,12 +154,13 @@ def load(name_or_path: str | os.PathLike[str], backbone: str | nn.Module | None 
         >>> up(torch.rand(1, 3, 224, 320)).shape                  # doctest: +SKIP
         torch.Size([1, 384, 224, 320])
     """
-    up, meta = load_upsampler(name_or_path)
+    path = resolve(name_or_path)
+    up, meta = load_upsampler(path)
     if backbone is None:
         backbone = backbones.create(meta["backbone"]["name"], **meta["backbone"].get("kwargs", {}))
     elif isinstance(backbone, str):
         backbone = backbones.create(backbone)
-    up = for_backbone(up, meta, backbone, resolve(name_or_path))
+    up = for_backbone(up, meta, backbone, path)
     model = UpFeat(backbone, up, meta).eval()
     return model.to(device) if device is not None else model
 
@@ -234,30 +171,22 @@ def create_model(backbone: str | nn.Module = "vits14_focus", upsampler: str = "j
 
     Args:
         backbone: registered name / ``timm:<name>`` / a :class:`~upfeat.backbones.Backbone`.
-        upsampler: a parameter-free upsampler (``nearest``, ``bilinear``, ``bicubic``,
-            ``upsample_anything``: :data:`upfeat.upsamplers.PARAMETER_FREE`); ``jbu`` (the
-            shipped backbone-agnostic JBU, :data:`SHIPPED_JBU`, for any backbone); a shipped
-            name (e.g. the older ``vits14_focus_jbu``); or a checkpoint path / run folder.
+        upsampler: a name :func:`upfeat.upsamplers.resolve_name` accepts: a parameter-free
+            upsampler (``nearest``, ``bilinear``, ``bicubic``, ``upsample_anything``), ``jbu`` /
+            ``jbu_stack`` (the shipped backbone-agnostic JBU, for any backbone), shipped weights
+            by tag (``jbu:vits14_focus``, or the older ``vits14_focus_jbu``); or a checkpoint
+            path / run folder. A learned upsampler without shipped weights (``resize_conv``)
+            raises one line saying to pass a checkpoint.
     """
-    from .upsamplers import PARAMETER_FREE, list_upsamplers
     if isinstance(backbone, str):
         bb_name, bb = backbone, None
     else:
         bb_name, bb = getattr(getattr(backbone, "cfg", None), "name", None), backbone
-    if upsampler in PARAMETER_FREE:
+    if not is_name(upsampler):  # a checkpoint file or run folder
+        model = load(upsampler, backbone=bb if bb is not None else bb_name)
+    elif (r := resolve_name(upsampler)).file is None:  # parameter-free: built by name
         bb = backbones.create(bb_name) if bb is None else bb
-        model = UpFeat(bb, create_upsampler(upsampler, dim=bb.dim, stride=bb.stride)).eval()
-    elif upsampler in list_upsamplers():
-        raise CheckpointError(f"upsampler {upsampler!r} has learned weights: pass a checkpoint "
-                              f"(path or shipped name: {', '.join(list_pretrained())}) or 'jbu', "
-                              f"or train one with `upfeat train --upsampler {upsampler}`")
-    else:
-        if upsampler == "jbu":
-            upsampler = jbu_name(bb_name)
-            if upsampler not in PRETRAINED:
-                raise CheckpointError(f"no shipped JBU checkpoint for backbone {bb_name!r} (shipped: "
-                                      f"{', '.join(list_pretrained())}); train one with "
-                                      f"`upfeat train --backbone {bb_name} --data DIR` and pass "
-                                      f"its folder")
+        model = UpFeat(bb, create_upsampler(r.name, dim=bb.dim, stride=bb.stride)).eval()
+    else:  # shipped weights (one-line error when not in this install)
         model = load(upsampler, backbone=bb if bb is not None else bb_name)
     return model.to(device) if device is not None else model

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import ShapeError, check_floating, check_shape
+from .._checks import ShapeError, check_image  # noqa: F401  (check_image re-exported: it lived here)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,35 +39,6 @@ class BackboneCfg:
     dim: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-
-
-def check_image(img: object, name: str = "img") -> dict[str, int]:
-    """Validate an RGB image batch ``(B, 3, H, W)``, floating point, values in ``[0, 1]``."""
-    dims = check_shape(img, ["B", "C", "H", "W"], name)  # type: ignore[arg-type]
-    assert isinstance(img, torch.Tensor)
-    if dims["C"] != 3:
-        raise ShapeError(f"{name} must be RGB with 3 channels (B, 3, H, W), got {dims['C']} "
-                         f"channels in shape {tuple(img.shape)}")
-    if img.dtype == torch.uint8:
-        raise TypeError(f"{name} has dtype torch.uint8: convert it to float in [0, 1] first, "
-                        f"e.g. {name}.float() / 255")
-    check_floating(img, name)
-    if img.numel() == 0:
-        raise ShapeError(f"{name} is empty: shape {tuple(img.shape)}")
-    if img.device.type != "meta":
-        finite = torch.isfinite(img.detach())
-        if not bool(finite.all()):  # NaN would otherwise spread silently over the whole output
-            nan = int(torch.isnan(img.detach()).sum())
-            raise ValueError(f"{name} has {img.numel() - int(finite.sum())} non-finite values "
-                             f"({nan} NaN, {img.numel() - int(finite.sum()) - nan} Inf) of "
-                             f"{img.numel()}; replace them first, e.g. torch.nan_to_num({name})")
-        # Catch the two usual mistakes (0..255 floats, already-normalised images) without
-        # rejecting the small overshoot that bicubic resizing produces.
-        lo, hi = float(img.detach().min()), float(img.detach().max())
-        if lo < -0.5 or hi > 1.5:
-            raise ValueError(f"{name} must hold un-normalised RGB values in [0, 1], got range "
-                             f"[{lo:.3g}, {hi:.3g}]; the backbone applies its own mean/std")
-    return dims
 
 
 class Backbone(nn.Module):

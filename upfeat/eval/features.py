@@ -11,9 +11,9 @@ Spec forms (comma-separated lists go through :func:`split_specs`):
   (clamped to [0, 1]), giving a 2x / 4x denser feature grid, which is then bilinearly resized to
   the image size (cell-aligned, like every upsampler). Costs 4x / 16x the backbone pixels.
 - ``jbu``, ``resize_conv``: learned upsamplers; ``jbu`` alone is the shipped backbone-agnostic
-  JBU (:data:`upfeat.model.SHIPPED_JBU`, any backbone), ``resize_conv`` alone the checkpoint
-  ``<backbone>_resize_conv``; ``NAME=CHECKPOINT`` names the checkpoint (a shipped name such as
-  ``vits14_focus_jbu``, a ``model.safetensors`` or a run folder of ``upfeat train``), e.g.
+  JBU (``jbu_stack:agnostic``, any backbone), ``resize_conv`` has no shipped weights (names are
+  resolved by :func:`upfeat.upsamplers.resolve_name`); ``NAME=CHECKPOINT`` names the checkpoint
+  (shipped weights such as ``jbu:vits14_focus``, a ``model.safetensors`` or a run folder), e.g.
   ``resize_conv=runs/rc``. An untrained ``resize_conv`` equals bilinear, so it is never built
   implicitly.
 - ``implicit``: the per-image implicit upsampler, ``upfeat.upsamplers.implicit.fit_implicit``,
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import ShapeError, UpfeatError, unknown_name
-from ..upsamplers import Upsampler, create_upsampler
+from ..upsamplers import Upsampler, create_upsampler, load_upsampler, resolve_name
 from .cache import CachedBackbone
 
 INTERP = ("nearest", "bilinear", "bicubic")
@@ -144,10 +144,8 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def load_learned(ckpt: str, backbone: CachedBackbone, label: str) -> nn.Module:
-    """The upsampler of checkpoint ``ckpt`` (:func:`upfeat.model.load_upsampler`), checked to be
+    """The upsampler of checkpoint ``ckpt`` (:func:`upfeat.upsamplers.load_upsampler`), checked to be
     trained on ``backbone``'s features (same name, no backbone keywords, same dim and stride)."""
-    from ..model import load_upsampler  # lazy: model imports the whole package
-
     try:
         up, meta = load_upsampler(ckpt)
     except Exception as e:  # any failure to load means "no usable checkpoint": say which and why
@@ -209,7 +207,10 @@ def resolve(spec: str | nn.Module, backbone: CachedBackbone, label: str | None =
     elif name == "implicit":
         up = implicit_upsampler(backbone, label)
     else:
-        from ..model import jbu_name  # lazy: model imports the whole package
-        default = jbu_name(backbone.name) if name == "jbu" else f"{backbone.name}_{name}"
-        up = load_learned(ckpt or default, backbone, label).to(dev)
+        if ckpt is None:  # the shipped weights of that name, or a one-line reason
+            try:
+                resolve_name(name)
+            except ValueError as e:
+                raise UpsamplerUnavailable(f"{label}: {e}") from None
+        up = load_learned(ckpt or name, backbone, label).to(dev)
     return FeatureSource(label, backbone, up, scale=LARGE.get(name, 1), spec=spec)

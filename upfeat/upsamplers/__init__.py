@@ -25,10 +25,9 @@ from .interp import Bicubic, Bilinear, Nearest, ResizeConv
 from .jbu import JBULayer, JBUStack
 from .jbu_cells import CellJBU
 from .upsample_anything import UpsampleAnything
-
-# Upsamplers without learned weights: built by name, no checkpoint (create_model, CLI, eval).
-PARAMETER_FREE = ("nearest", "bilinear", "bicubic", "upsample_anything")
+from .pretrained import PARAMETER_FREE, list_pretrained, load_upsampler, resolve_name
 
 __all__ = ["PARAMETER_FREE", "CellJBU", "Bicubic", "Bilinear", "Geometry", "JBULayer", "JBUStack", "Nearest",
            "ResizeConv", "UpsampleAnything", "Upsampler", "create_upsampler", "get_upsampler_class",
-           "list_upsamplers", "register_upsampler", "resize_area"]
+           "list_pretrained", "list_upsamplers", "load_upsampler", "register_upsampler",
+           "resize_area", "resolve_name"]

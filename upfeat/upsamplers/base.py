@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import ShapeError, check_floating, check_same, check_shape
-from ..backbones.base import check_image
+from .._checks import check_image
 
 
 @dataclass(frozen=True)

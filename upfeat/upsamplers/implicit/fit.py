@@ -23,7 +23,7 @@ import time
 import torch
 
 from ..._checks import check_tensor
-from ...backbones.base import check_image
+from ..._checks import check_image
 from ...jitter import View, sample_views
 from .encoding import ImplicitMLP
 from .features import ImplicitFeatures
@@ -60,15 +60,14 @@ def resolve_backbone(backbone: object) -> torch.nn.Module:
 def base_upsampler(kind: str, backbone: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
     """The upsampler a schedule's ``base`` names for ``backbone``, and its label."""
     from ...checkpoint import CheckpointError
-    from ...model import PRETRAINED, jbu_name, shipped_jbu
     from .. import create_upsampler
+    from ..pretrained import shipped_upsampler
     if kind == "none":
         return None, "none"
-    name = jbu_name(getattr(getattr(backbone, "cfg", None), "name", None))
-    if kind == "jbu" and name in PRETRAINED:
+    if kind == "jbu":
         try:
-            return shipped_jbu(backbone), name
-        except CheckpointError:  # no shipped JBU for this backbone: fall back to bilinear
+            return shipped_upsampler("jbu", backbone), "jbu"
+        except CheckpointError:  # the shipped JBU is not in this install: fall back to bilinear
             pass
     return create_upsampler("bilinear", dim=backbone.dim, stride=backbone.stride), "bilinear"
 

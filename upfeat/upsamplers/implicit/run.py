@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ...io import load_image, to_tensor
-from ...model import check_backbone, load_upsampler
+from ..pretrained import check_backbone, load_upsampler
 from .features import ImplicitFeatures
 from .fit import fit_implicit, resolve_backbone
 from .schedules import BASES
