@@ -118,8 +118,22 @@ def sample_views(n: int, generator: torch.Generator, size: tuple[int, int], *,
     return views
 
 
-def _grid(theta: torch.Tensor, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-    return F.affine_grid(theta[None].expand(x.shape[0], 2, 3), [x.shape[0], 1, *out_size],
+def warp_thetas(x: torch.Tensor, thetas: torch.Tensor, out_size: tuple[int, int] | None = None,
+                mode: str = "bilinear", padding_mode: str = "reflection") -> torch.Tensor:
+    """The one view warp: ``x`` ``(N, C, H, W)`` (or ``(1, C, H, W)``, shared) through ``N``
+    affine ``thetas`` ``(N, 2, 3)`` (:meth:`View.theta`) -> ``(N, C, H', W')``; ``grid_sample``
+    with ``align_corners=False``. Unchecked: the hot path of the implicit fit (all views in one
+    call); :func:`apply_view` validates.
+
+    Example:
+        >>> x = torch.arange(4.0).view(1, 1, 1, 4)
+        >>> warp_thetas(x, torch.stack([View().theta(), View(flip=True).theta()]))[:, 0, 0]
+        tensor([[0., 1., 2., 3.],
+                [3., 2., 1., 0.]])
+    """
+    n, out = thetas.shape[0], tuple(x.shape[-2:]) if out_size is None else tuple(out_size)
+    grid = F.affine_grid(thetas.to(x.dtype), [n, 1, *out], align_corners=False)
+    return F.grid_sample(x.expand(n, -1, -1, -1), grid, mode=mode, padding_mode=padding_mode,
                          align_corners=False)
 
 
@@ -142,9 +156,8 @@ def _warp(x: torch.Tensor, view: View, inverse: bool, out_size, mode: str, paddi
     theta = view.inverse_theta(dtype=torch.float64) if inverse else view.theta(dtype=torch.float64)
     # Sample in fp32 at least (affine_grid/grid_sample lack fp16 on CPU), return x's dtype.
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    grid = _grid(theta.to(device=x.device, dtype=work.dtype), work, out)
-    y = F.grid_sample(work, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
-    return y.to(x.dtype)
+    thetas = theta.to(device=x.device)[None].expand(work.shape[0], 2, 3)
+    return warp_thetas(work, thetas, out, mode, padding_mode).to(x.dtype)
 
 
 def apply_view(x: torch.Tensor, view: View, out_size: tuple[int, int] | None = None,

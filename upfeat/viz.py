@@ -38,6 +38,26 @@ def _as_batch(feats: torch.Tensor, name: str = "feats") -> torch.Tensor:
     return feats if feats.ndim == 4 else feats[None]
 
 
+def principal_components(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one PCA: ``x`` ``(n, C)`` -> ``mean (C,)``, ``components (k, C)`` (orthonormal rows,
+    largest variance first), ``variances (k,)``, all float64. Exact eigendecomposition of the
+    covariance (deterministic); each component's sign makes its largest loading positive.
+
+    Example:
+        >>> x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [4.0, 0.0]])
+        >>> mean, comps, var = principal_components(x, 1)
+        >>> mean.tolist(), comps.tolist(), var.tolist()
+        ([2.0, 0.0], [[1.0, 0.0]], [4.0])
+    """
+    x = x.double()
+    mean = x.mean(0)
+    xc = x - mean
+    vals, vecs = torch.linalg.eigh(xc.T @ xc / max(1, xc.shape[0] - 1))
+    comps = vecs[:, -k:].flip(1).T  # (k, C), largest variance first
+    signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
+    return mean, comps * torch.where(signs == 0, 1.0, signs), vals[-k:].flip(0)
+
+
 def fit_pca(feats: torch.Tensor, max_samples: int = 200_000) -> PcaBasis:
     """Fit a PCA basis on all pixels of ``feats`` ``(B, C, h, w)`` or ``(C, h, w)`` jointly.
 
@@ -51,13 +71,8 @@ def fit_pca(feats: torch.Tensor, max_samples: int = 200_000) -> PcaBasis:
     B, C, h, w = f.shape
     idx = torch.arange(0, B * h * w, max(1, B * h * w // max_samples), device=f.device)
     x = f.detach().flatten(2)[idx // (h * w), :, idx % (h * w)].double()  # (n, C), no full copy
-    mean = x.mean(0)
-    xc = x - mean
-    _, vecs = torch.linalg.eigh(xc.T @ xc / max(1, xc.shape[0] - 1))
-    comps = vecs[:, -3:].flip(1).T  # (3, C), largest variance first
-    signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
-    comps = comps * torch.where(signs == 0, 1.0, signs)
-    proj = xc @ comps.T
+    mean, comps, _ = principal_components(x, 3)
+    proj = (x - mean) @ comps.T
     lo, hi = torch.quantile(proj.float(), torch.tensor([0.01, 0.99]), dim=0).double()
     return PcaBasis(mean.float(), comps.float(), lo.float(), hi.float())
 

@@ -40,15 +40,11 @@ class FeaturePCA(nn.Module):
         """Fit on every pixel of ``feats`` ``(B, C, h, w)``; ``k`` is capped by ``C`` and by the
         number of pixels. Deterministic: exact eigendecomposition in float64, signs fixed so the
         largest loading of each component is positive."""
+        from ...viz import principal_components
         x = feats.detach().double().permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
         k = max(1, min(k, x.shape[1], x.shape[0]))
-        mean = x.mean(0)
-        xc = x - mean
-        vals, vecs = torch.linalg.eigh(xc.T @ xc / max(1, x.shape[0] - 1))
-        comps = vecs[:, -k:].flip(1).T                                     # (k, C), largest first
-        sign = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
-        comps = comps * torch.where(sign == 0, 1.0, sign)
-        scale = vals[-k:].clamp_min(0).mean().sqrt().clamp_min(1e-8)
+        mean, comps, vals = principal_components(x, k)
+        scale = vals.clamp_min(0).mean().sqrt().clamp_min(1e-8)
         dt = feats.dtype
         return cls(mean.to(dt), comps.to(dt), scale.to(dt))
 

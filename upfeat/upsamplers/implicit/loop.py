@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ...downsamplers import Downsampler, create_downsampler
+from ...jitter import warp_thetas
 from ...losses import MultiViewLoss, tv_loss
 from ...losses.projection import random_projection
 from .encoding import pixel_centres
 from .features import ImplicitFeatures
 from .schedules import Schedule
-from .views import warp
 
 
 @dataclass
@@ -134,7 +134,7 @@ def _loss(field: ImplicitFeatures, level: _Level, crit: MultiViewLoss, thetas: t
         z = z + base @ m
     c = proj.shape[1]
     z = z.T.reshape(1, m.shape[1], h, w)
-    zv = warp(z, thetas)                                            # (V, c [+ 1], h, w)
+    zv = warp_thetas(z, thetas)                                            # (V, c [+ 1], h, w)
     out = crit(targets, zv[:, :c], level.down, g, projection=proj if projected else None,
                hr_projected=projected, guidance=None if sal is None else zv[:, c:])
     # TV of the projected codes: an unbiased estimate of the codes' TV (E[P Pᵀ] = I).

@@ -2,23 +2,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ...jitter import View
+from ...jitter import View, warp_thetas
 from .features import FeaturePCA
 
 BACKBONE_BATCH = 16  # views per backbone call while building the pool
-
-
-def warp(x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
-    """Apply ``V`` views at once: ``x`` ``(1, C, H, W)``, ``thetas`` ``(V, 2, 3)`` (from
-    :meth:`View.theta`) -> ``(V, C, H, W)``; identical to :func:`upfeat.jitter.apply_view` per view
-    (bilinear, reflection padding, ``align_corners=False``)."""
-    v, (h, w) = thetas.shape[0], x.shape[-2:]
-    grid = F.affine_grid(thetas.to(x.dtype), [v, 1, h, w], align_corners=False)
-    return F.grid_sample(x.expand(v, -1, -1, -1), grid, mode="bilinear", padding_mode="reflection",
-                         align_corners=False)
 
 
 @torch.no_grad()
@@ -36,7 +25,7 @@ def view_pool(image: torch.Tensor, backbone: torch.nn.Module, views: list[View],
     chunks, feats = [], []
     bar = tqdm(total=len(views), desc="backbone views", disable=not progress, leave=False)
     for i in range(0, len(views), BACKBONE_BATCH):
-        f = backbone(warp(image, thetas[i:i + BACKBONE_BATCH]).clamp_(0, 1)).float()
+        f = backbone(warp_thetas(image, thetas[i:i + BACKBONE_BATCH]).clamp_(0, 1)).float()
         bar.update(f.shape[0])
         if pca is None:  # keep full features until the PCA views are in, then encode
             feats.append(f)
