@@ -70,8 +70,8 @@ def build_app(demo: Demo, examples: Sequence[str | os.PathLike[str]] = (),
         gr.Markdown("# upfeat: sharp features, live")
         gr.Markdown(note, elem_id="note")
         with gr.Row():
-            upload = _image_file(gr)(type="filepath", label="image", sources=["upload", "clipboard"],
-                              elem_id="upload", height=320)
+            upload = _path_unread(gr.Image(type="filepath", label="image", elem_id="upload",
+                                           sources=["upload", "clipboard"], height=320))
             with gr.Column():
                 backbone = gr.Dropdown(demo.backbones, value=first, label="backbone",
                                        elem_id="backbone")
@@ -93,16 +93,15 @@ def build_app(demo: Demo, examples: Sequence[str | os.PathLike[str]] = (),
     return app
 
 
-def _image_file(gr):
-    """``gr.Image`` whose upload reaches the app as the file's path, unread: upfeat decodes it
-    (pixel cap, any mode) and names what is wrong with a bad file in one line."""
-    class ImageFile(gr.Image):
-        is_template = True  # drawn by the frontend as its parent, gr.Image
-
-        def preprocess(self, payload):
-            return payload.path if payload is not None and payload.path else super().preprocess(payload)
-
-    return ImageFile
+def _path_unread(image: gr.Image) -> gr.Image:
+    """``image`` passing an upload to the app as the file's path, unread (Gradio would open it
+    with PIL first): upfeat decodes it (pixel cap, any mode) and names what is wrong with a bad
+    file in one line. Set on the instance: a subclass would make Gradio write a ``.pyi`` stub
+    beside this module."""
+    default = image.preprocess
+    image.preprocess = lambda payload: (payload.path if payload is not None and payload.path
+                                        else default(payload))
+    return image
 
 
 def _preferred(names: list[str]) -> str:
