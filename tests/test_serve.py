@@ -202,8 +202,10 @@ def test_page_in_chromium(server, browser, data_dir, tmp_path):
     drv.find_element(By.CSS_SELECTOR, "#upload button[aria-label='Remove Image']").click()
     drv.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(notes))
     drv.find_element(By.ID, "run").click()
-    WebDriverWait(drv, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']"))
-    toast = drv.find_element(By.CSS_SELECTOR, "[data-testid='toast-body']").text
+    toast = "[data-testid='toast-body']"
+    WebDriverWait(drv, 60).until(lambda d: "cannot read" in " ".join(
+        t.text for t in d.find_elements(By.CSS_SELECTOR, toast)))
+    toast = drv.find_element(By.CSS_SELECTOR, toast).text
     assert toast.splitlines()[-1] == "cannot read 'notes.png': not an image (unrecognised format)"
     assert not drv.find_elements(By.CSS_SELECTOR, "#out-image img")  # the previous result is gone
     assert drv.find_element(By.ID, "status").text == ""
