@@ -67,7 +67,7 @@ def test_figure_rows_with_the_shipped_checkpoint(photos, tmp_path, monkeypatch):
         assert png.format == "PNG" and png.size == (4 * 360, 2 * 360)  # 4 columns, 2 rows
 
     (rows, kw), = grids
-    model = upfeat.load("vits14_focus_jbu")
+    model = upfeat.load("jbu")  # what `upfeat demo` used: the untrained stand-in saved above
     assert kw["titles"] == ["image", "low-res vits14_focus", "bilinear", "JBU"]
     for row, name in zip(rows, ("chelsea.jpg", "coffee.jpg")):
         img = to_tensor(prepare(photos / name, None, 112)[0])[0]
