@@ -6,7 +6,10 @@ Behaviour (see :func:`run`):
   (details and clashes: :mod:`upfeat.jobs`).
 - Any size: ``--size H W`` / ``--max-side N`` resize the image first; the memory of each image is
   estimated (:mod:`upfeat.memory`) and it is tiled (:mod:`upfeat.tiling`) when one pass would
-  exceed ``--max-memory``. Outputs stream to disk through a memory map, so they may exceed RAM.
+  exceed ``--max-memory``, the budget of the whole process (what it holds before the image,
+  torch and the model, is measured and counted). Tiles stream to disk as they are computed
+  (:class:`upfeat.featfile.MappedFeatures`), so outputs may exceed RAM and never count against
+  the budget.
 - Re-runs skip an image only when its outputs are complete, readable and made with the same
   settings (backbone, upsampler and its weights, size, dtype, format, upfeat version: stored in
   each file); anything else is redone, with a note (``--overwrite`` recomputes everything).
@@ -36,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .featfile import DTYPES, FORMATS, write_features
+from .featfile import DTYPES, FORMATS, MappedFeatures, write_features
 from .io import ImageReadError, to_tensor
 from .jobs import Item, list_items, prepare
 
@@ -159,12 +162,12 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
             device: torch.device, note: Note, settings: str = "") -> None:
     """Compute and write the outputs of one image (``settings``: :func:`settings_of`); raises on
     failure."""
-    from .memory import format_bytes, plan_memory
+    from .memory import format_bytes, plan_memory, resident_memory
     from .tiling import upsample_tiled
     img, original = prepare(item.src, cfg.size, cfg.max_side)
     dtype = DTYPES[cfg.dtype][0]
     mem = plan_memory(model, (img.height, img.width), budget, dtype, output_in_memory=False,
-                      tile=cfg.tile)
+                      tile=cfg.tile, base=resident_memory())
     item.out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(item.out.parent).free
     if mem.output > free:
@@ -183,17 +186,18 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
             "backbone_tiles": mem.backbone_plan.n_tiles, "upfeat_version": __version__,
             "settings": settings}
 
-    def fill(t: torch.Tensor) -> None:
-        out = t[None]
+    def fill(out: MappedFeatures) -> None:
         with torch.inference_mode():
             if mem.is_tiled:
-                _, lowres = upsample_tiled(model, x, mem.plan, mem.backbone_plan, out=out,
-                                           progress=lambda d, n: note(f"tile {d}/{n}", True))
+                _, lowres = upsample_tiled(model, x, mem.plan, mem.backbone_plan,
+                                           progress=lambda d, n: note(f"tile {d}/{n}", True),
+                                           write=lambda b, y0, x0: out.write(b[0], y0, x0))
             else:
                 lowres = model.lowres(x)
-                out.copy_(model.upsampler(lowres, x))
+                out.write(model.upsampler(lowres, x)[0])
             if item.png is not None:
-                save_viz(item.png, x[0], lowres[0], t, model.stride)
+                save_viz(item.png, x[0], lowres[0], out.tensor, model.stride)
+                out.release()
 
     write_features(item.out, (model.dim, H, W), dtype, meta, fill)
 
