@@ -20,9 +20,9 @@ import json
 import os
 
 import torch
+from _timing import median_time
 
 import upfeat
-from _timing import median_time
 
 
 def _emit(**row) -> None:
@@ -49,13 +49,19 @@ def op(repeat: int) -> None:
     _emit(what="op_fwd_bwd_224", fast_s=t_fast, compiled_s=t_comp, ratio=t_comp / t_fast)
 
 
-def infer(size: int, repeat: int) -> None:
+def infer_times(size: int, repeat: int):
+    """(model, image, low-res features, backbone s, JBU stack s) for one ``size``² image."""
     model = upfeat.create_model("vits14_focus", "jbu").eval()
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         low = model.lowres(x)
         t_bb = median_time(lambda: model.lowres(x), repeat)
         t_up = median_time(lambda: model.upsampler(low, x), repeat)
+    return model, x, low, t_bb, t_up
+
+
+def infer(size: int, repeat: int) -> None:
+    *_, t_bb, t_up = infer_times(size, repeat)
     _emit(what=f"infer_{size}", backbone_s=t_bb, jbu_s=t_up, ratio=t_up / t_bb)
 
 

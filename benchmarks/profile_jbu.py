@@ -21,10 +21,11 @@ import os
 from collections import defaultdict
 
 import torch
+from _timing import median_time
+from bench_speed import infer_times
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import upfeat
-from _timing import median_time
 from upfeat.jitter import apply_view, sample_views
 from upfeat.train.config import TrainConfig
 from upfeat.train.objective import MultiViewObjective
@@ -34,7 +35,7 @@ SECTIONS = ("backbone", "guidance", "range_features", "kernel", "fixup", "bicubi
             "adaptive_conv", "residual", "view_warp", "downsampler", "loss", "optimizer")
 # Backward nodes whose forward op carries no sequence number (custom autograd functions).
 BY_NODE = {"FwdBackward": "adaptive_conv", "TrBackward": "adaptive_conv", "CorrBackward": "kernel",
-           "FusedBackward": "kernel"}
+           "BandBackward": "bicubic"}
 
 
 def _scoped(name: str, fn):
@@ -50,11 +51,7 @@ def instrument(upsampler: torch.nn.Module, objective: torch.nn.Module | None = N
     """Wrap the JBU's building blocks (and the objective's loss parts) in named sections."""
     patches = [(jbu, "bicubic_padded", "bicubic"), (jbu, "adaptive_conv", "adaptive_conv"),
                (jbu, "jbu_kernel", "kernel"), (jbu, "resize_area", "guidance"),
-               (jbu.JBULayer, "range_features", "range_features")]
-    for opt in ("fused_kernel_conv", "fixup"):  # present after the fused-op change
-        if hasattr(jbu, opt) or hasattr(jbu.JBULayer, opt):
-            owner = jbu if hasattr(jbu, opt) else jbu.JBULayer
-            patches.append((owner, opt, "adaptive_conv" if opt == "fused_kernel_conv" else "fixup"))
+               (jbu.JBULayer, "range_features", "range_features"), (jbu.JBULayer, "fixup", "fixup")]
     if objective is not None:
         import upfeat.train.objective as obj
         patches += [(obj, "apply_view", "view_warp")]
@@ -70,9 +67,6 @@ def instrument(upsampler: torch.nn.Module, objective: torch.nn.Module | None = N
     try:
         for o, a, name in patches:
             setattr(o, a, _scoped(name, getattr(o, a)))
-        for layer in upsampler.layers:
-            if getattr(layer, "kernel_fixup", None) is not None:
-                module_scope(layer.kernel_fixup, "fixup")
         if upsampler.residual is not None:
             module_scope(upsampler.residual, "residual")
         if objective is not None:
@@ -159,14 +153,9 @@ def profiled(fn) -> tuple[dict[str, float], float]:
 
 
 def inference(size: int, repeat: int) -> None:
-    model = upfeat.create_model("vits14_focus", "jbu").eval()
-    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        low = model.lowres(x)
-        t_bb = median_time(lambda: model.lowres(x), repeat)
-        t_up = median_time(lambda: model.upsampler(low, x), repeat)
-        with instrument(model.upsampler):
-            parts, total = profiled(lambda: model.upsampler(low, x))
+    model, x, low, t_bb, t_up = infer_times(size, repeat)
+    with torch.inference_mode(), instrument(model.upsampler):
+        parts, total = profiled(lambda: model.upsampler(low, x))
     print(f"\n{size}² inference: backbone {t_bb * 1e3:.0f} ms, JBU stack {t_up * 1e3:.0f} ms "
           f"(ratio {t_up / t_bb:.2f}x)")
     report(f"{size}² JBU stack inference (backbone excluded)", t_up, parts, total)

@@ -16,9 +16,9 @@ from .jbu_kernel import jbu_kernel, jbu_kernel_reference, spatial_log_kernel
 
 __all__ = [
     "BACKENDS",
-    "band_matmul",
     "adaptive_conv",
     "adaptive_conv_reference",
+    "band_matmul",
     "cached_bytes",
     "cell_conv",
     "cell_dot",

@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import ShapeError, check_floating
-from .adaptive_conv import can_run
-from .adaptive_conv import cpu
+from .adaptive_conv import can_run, cpu
 
 
 def band_matmul(x: torch.Tensor, ah: torch.Tensor, aw: torch.Tensor,
