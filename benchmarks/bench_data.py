@@ -7,8 +7,10 @@ robin into sub-folders of 1000, as datasets are laid out) in a temporary folder,
    the DataLoader, batch 2, 224-px crops) with 0, 1 and 2 workers, against the in-memory path of
    upfeat <= 0.x (every image decoded and resized into RAM at start, then cropped): its start-up
    and its RAM per image, measured on the smallest folder.
-2. ``train``: ``upfeat train --steps 20`` (defaults otherwise: vits14_focus, 224 px, batch 2,
-   4 views) on each folder in a fresh process: peak memory of the process tree (sum of PSS,
+2. ``train``: ``upfeat train --steps 20`` with the test suite's tiny model (56-px crops, 2 views,
+   ``range_dim`` 8; vits14_focus, batch 2 as by default; ``--train-args`` to change) on each folder
+   in a fresh process. The small model makes the data path a larger share of the memory and of
+   the step time than the defaults would (a stricter test of both): peak memory of the process tree (sum of PSS,
    sampled every 0.2 s, so forked workers' shared pages count once) and of the main process
    (VmHWM), time from launch to the start of step 1, and the data wait per step (time the loop
    waited for its batch, ``data_wait_s`` in metrics.csv) with 0 and 2 workers.
@@ -67,6 +69,7 @@ def jpeg_blobs(k: int = 200) -> list[bytes]:
 
 
 def throughput(folder: Path, steps: int) -> dict:
+    import numpy as np
     import torch
 
     from upfeat.train.data import TrainBatches, batch_loader, list_files, load_resized
@@ -90,17 +93,17 @@ def throughput(folder: Path, steps: int) -> dict:
     images = [load_resized(f, 224) for f in files[:n]]
     decode_s = time.perf_counter() - t
     res["inmemory_startup_s_per_1000"] = 1000 * decode_s / n
-    res["inmemory_bytes_per_image"] = sum(x.numel() for x in images) / n
+    res["inmemory_bytes_per_image"] = sum(x.nbytes for x in images) / n
     gen = torch.Generator().manual_seed(0)
     t = time.perf_counter()
     for s in range(steps):
         batch = []
         for i in torch.randint(n, (2,), generator=gen).tolist():
-            h, w = images[i].shape[-2:]
+            h, w = images[i].shape[:2]
             top = int(torch.randint(h - 223, (1,), generator=gen))
             left = int(torch.randint(w - 223, (1,), generator=gen))
-            batch.append(images[i][:, top:top + 224, left:left + 224])
-        torch.stack(batch)
+            batch.append(images[i][top:top + 224, left:left + 224])
+        torch.from_numpy(np.ascontiguousarray(np.stack(batch).transpose(0, 3, 1, 2)))
     res["inmemory_img_s"] = 2 * steps / (time.perf_counter() - t)
     return res
 
@@ -121,12 +124,12 @@ def _pss_tree(pid: int) -> int:
     return total
 
 
-def train_run(folder: Path, run: Path, steps: int, workers: int) -> dict:
+def train_run(folder: Path, run: Path, steps: int, workers: int, extra: list[str]) -> dict:
     """One ``upfeat train`` process: peak PSS of the tree, VmHWM of the main process, start-up."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "upfeat", "train", "--data", str(folder), "--out", str(run),
            "--steps", str(steps), "--workers", str(workers), "--no-progress",
-           "--ckpt-every", str(steps)]
+           "--ckpt-every", str(steps), *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
@@ -163,8 +166,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="upfeat train --steps")
     ap.add_argument("--loader-steps", type=int, default=100, help="batches timed per worker count")
     ap.add_argument("--tmp", default=None, help="where to generate the folders")
+    ap.add_argument("--train-args", default='--image-size 56 --views 2 --upsampler-args {"range_dim":8}',
+                    help="extra upfeat train options")
     args = ap.parse_args()
-    result = {"load_start": os.getloadavg(), "cpus": os.cpu_count(), "sizes": {}}
+    result = {"load_start": os.getloadavg(), "cpus": os.cpu_count(), "sizes": {},
+              "train_args": args.train_args}
     blobs = jpeg_blobs()
     tmp = Path(tempfile.mkdtemp(prefix="upfeat_bench_data_", dir=args.tmp))
     try:
@@ -177,7 +183,8 @@ def main() -> None:
                 print(json.dumps(r["throughput"]), flush=True)
             for workers in (2, 0) if n == min(args.sizes) else (2,):
                 run = tmp / f"run_{n}_{workers}"
-                r[f"train_{workers}w"] = train_run(folder, run, args.steps, workers)
+                r[f"train_{workers}w"] = train_run(folder, run, args.steps, workers,
+                                                     args.train_args.split())
                 print(n, workers, json.dumps(r[f"train_{workers}w"]), flush=True)
                 shutil.rmtree(run)
             shutil.rmtree(folder)
@@ -206,7 +213,7 @@ def report(res: dict, steps: int) -> str:
               f"images and {tp['inmemory_bytes_per_image'] / 1e3:.0f} kB of RAM per image "
               f"(100k images: ~{tp['inmemory_startup_s_per_1000'] * 100:.0f} s and "
               f"~{tp['inmemory_bytes_per_image'] * 1e5 / 2**30:.1f} GB, by extrapolation).\n",
-              f"`upfeat train --steps {steps}` (defaults: vits14_focus, 224 px, batch 2, 4 views):\n",
+              f"`upfeat train --steps {steps} {res['train_args']}` (vits14_focus, batch 2):\n",
               "| images | workers | peak PSS, process tree (MB) | main VmHWM (MB) | time to step 1 (s) "
               "| s/step | data wait/step mean, max (s) |", "|---|---|---|---|---|---|---|"]
     for n in sizes:

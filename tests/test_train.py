@@ -324,3 +324,37 @@ def test_two_nodes_equal_one_node_with_two_processes(image_dir, tmp_path):
     assert a.keys() == b.keys()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff == 0.0, f"2 nodes x 1 process differ from 1 node x 2 processes by {diff}"
+
+
+def test_train_options_are_generated_from_the_config(tmp_path, monkeypatch):
+    """Every TrainConfig field is an `upfeat train` option (name, type, help from the field);
+    options not given keep the config's defaults; JSON options are parsed, bad JSON is exit 2."""
+    import dataclasses
+
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    import upfeat.train
+    from upfeat.cli import app
+    seen = []
+    monkeypatch.setattr(upfeat.train, "fit", lambda cfg: seen.append(cfg) or tmp_path / "m")
+    r = CliRunner().invoke(app, ["train", "--data", "a", "--data", "b", "--out", str(tmp_path / "r"),
+                                 "--warmup", "7", "--grad-clip", "0.5", "--no-uncertainty",
+                                 "--downsampler-args", '{"kernel_size": 5}', "--devices", "2",
+                                 "--workers", "0", "--objective", "scale"])
+    assert r.exit_code == 0, r.output
+    cfg = seen[0]
+    assert (cfg.data, cfg.warmup, cfg.grad_clip, cfg.uncertainty, cfg.downsampler_kwargs,
+            cfg.devices, cfg.workers) == (["a", "b"], 7, 0.5, False, {"kernel_size": 5}, 2, 0)
+    assert cfg.upsampler == "jbu_cells"  # the scale objective's upsampler unless one is given
+    default = TrainConfig()
+    assert (cfg.steps, cfg.lr, cfg.progress, cfg.resume) == (default.steps, default.lr, True, False)
+    helps = {o: p.help for p in get_command(app).commands["train"].params for o in p.opts}
+    for f in dataclasses.fields(TrainConfig):
+        name = f.metadata.get("cli", "--" + f.name.replace("_", "-"))
+        assert helps.get(name) == f.metadata["help"], f.name
+    r = CliRunner().invoke(app, ["train", "--data", "a", "--upsampler-args", "[1]"])
+    assert r.exit_code == 2 and "--upsampler-args must be a JSON object" in r.output
+    r = CliRunner().invoke(app, ["train", "--data", "a", "--out", str(tmp_path / "r"),
+                                 "--workers", "-1"])
+    assert r.exit_code == 2 and "workers must be an int >= 0" in r.stderr
