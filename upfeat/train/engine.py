@@ -86,9 +86,11 @@ def fit(cfg: TrainConfig) -> Path:
             for name in cfg.backbones]
     backbone = nets[0]
     crops = [2 * scale_crop(cfg.image_size, b.stride) if scale else cfg.image_size for b in nets]
-    files = list_files(cfg.data, out / FILE_LIST, write=rank == 0)  # same list when resumed
+    # the file list is cached in the run folder: a resumed run draws from the same list
+    files = list_files(cfg.data, out / FILE_LIST, write=rank == 0)
     data = TrainBatches(files, max(cfg.image_size, math.ceil(cfg.image_size * cfg.resize)),
                         cfg.batch_size, cfg.seed, crops, rank, world)
+    del files  # the dataset keeps a compact copy (forked workers share it)
     data.read(data.indices(start)[0])  # no readable image at all: one clear error, here
     torch.manual_seed(cfg.seed)  # parameter initialisation
     make = ScaleObjective if scale else MultiViewObjective
