@@ -132,7 +132,7 @@ def fit(cfg: TrainConfig) -> Path:
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         image = fabric.to_device(next(batches)).float().div_(255)
-        wait = time.perf_counter() - t0  # > 0 when decoding does not keep up with training
+        wait = time.perf_counter() - t0  # receiving + converting the batch; + decoding if behind
         seed = derive_seed(cfg.seed, STEP, step, rank)
         torch.manual_seed(seed)  # dropout etc.: a function of (seed, step, rank), so resumable
         gen = torch.Generator(device=fabric.device).manual_seed(seed)
