@@ -15,7 +15,7 @@ robin into sub-folders of 1000, as datasets are laid out) in a temporary folder,
    (VmHWM), time from launch to the start of step 1, and the data wait per step (time the loop
    waited for its batch, ``data_wait_s`` in metrics.csv) with 0 and 2 workers.
 
-    nice -n 10 python benchmarks/bench_data.py                    # 2k, 20k, 100k: ~40 min here
+    nice -n 10 python benchmarks/bench_data.py                    # 2k, 20k, 100k: 22 min here
     python benchmarks/bench_data.py --sizes 2000 20000 --steps 10  # quicker
 
 Writes benchmarks/results/data.json and data.md. The machine is shared: the load average at the
