@@ -323,3 +323,24 @@ def test_stale_temp_files_are_removed_and_sigterm_cleans_up(tmp_path, monkeypatc
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 143, r.stderr
     assert (tmp_path / "t").is_dir() and not list((tmp_path / "t").iterdir())
+
+
+def test_shards_split_a_folder_and_report_throughput(tmp_path):
+    """--shard i/n (independent jobs, e.g. a SLURM array): disjoint parts that together write
+    every image once; the summary reports images/s; a run over the whole folder then skips all."""
+    src, out = tmp_path / "imgs", tmp_path / "feats"
+    src.mkdir()
+    for i in range(5):
+        Image.new("RGB", (28 + 14 * i, 28), (40 * i, 0, 0)).save(src / f"{i}.png")
+    runs = [upsample_in_process(str(src), "--out", str(out), "--shard", f"{k}/2", *FAST)
+            for k in (0, 1)]
+    assert [r.exit_code for r in runs] == [0, 0], runs[0].output + runs[1].output
+    assert "wrote 3, skipped 0 already done, failed 0 of 3 image(s)" in runs[0].stdout
+    assert "wrote 2, skipped 0 already done, failed 0 of 2 image(s)" in runs[1].stdout
+    assert "images/s)" in runs[0].stdout
+    assert {p.name for p in out.iterdir()} == {f"{i}.safetensors" for i in range(5)}
+    assert read_features(out / "3.safetensors")[0].shape[-2:] == (28, 70)
+    again = upsample_in_process(str(src), "--out", str(out), *FAST)
+    assert "wrote 0, skipped 5 already done" in again.stdout
+    bad = upsample_in_process(str(src), "--out", str(out), "--shard", "2/2", *FAST)
+    assert bad.exit_code == 2 and "--shard must be i/n with 0 <= i < n" in bad.stderr

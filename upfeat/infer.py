@@ -20,7 +20,9 @@ Behaviour (see :func:`run`):
   others are written. Every output appears atomically (temporary file + rename).
 - Several processes (``--devices N --strategy ddp``, Lightning Fabric): rank ``r`` of ``n`` takes
   items ``r, r + n, ...`` of the sorted list, so no file is written twice; counts and failures are
-  gathered on rank 0.
+  gathered on rank 0. Independent jobs (e.g. a SLURM array) split a folder with ``--shard i/n``:
+  items ``i, i + n, ...`` (then split again between the job's ranks).
+- The summary reports the throughput (images written per second of wall time).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +75,7 @@ class UpsampleConfig:
     devices: int = 1
     strategy: str = "auto"
     num_nodes: int = 1
+    shard: str | None = None  # "i/n": items i, i + n, ... of the sorted list
 
     def __post_init__(self) -> None:
         from .memory import parse_bytes
@@ -100,6 +104,16 @@ class UpsampleConfig:
             raise ValueError(f"--devices and --num-nodes must be >= 1, got {self.devices}, "
                              f"{self.num_nodes}")
         parse_bytes(self.max_memory)
+        self.shard_of()
+
+    def shard_of(self) -> tuple[int, int]:
+        """``(i, n)`` of ``--shard i/n`` (``(0, 1)``: everything)."""
+        if self.shard is None:
+            return 0, 1
+        i, _, n = self.shard.partition("/")
+        if not (i.strip().isdigit() and n.strip().isdigit() and 0 <= int(i) < int(n)):
+            raise ValueError(f"--shard must be i/n with 0 <= i < n, e.g. 0/4, got {self.shard!r}")
+        return int(i), int(n)
 
     @property
     def world(self) -> int:
@@ -114,10 +128,13 @@ class Summary:
     written: int = 0
     skipped: int = 0
     failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the processing loop (the slowest process)
 
     def line(self, out: str) -> str:
+        rate = (f" in {self.seconds:.1f} s ({self.written / self.seconds:.2f} images/s)"
+                if self.written and self.seconds > 0 else "")
         return (f"wrote {self.written}, skipped {self.skipped} already done, failed "
-                f"{len(self.failed)} of {self.total} image(s) -> {out}")
+                f"{len(self.failed)} of {self.total} image(s) -> {out}{rate}")
 
 
 def settings_of(cfg: UpsampleConfig, model: torch.nn.Module) -> str:
@@ -260,6 +277,8 @@ def run(cfg: UpsampleConfig) -> Summary:
         items = list_items(cfg.inputs, cfg.out, cfg.format, cfg.viz)
     if not items:
         raise ValueError(f"no images found in {', '.join(cfg.inputs)}")
+    shard, shards = cfg.shard_of()
+    items = items[shard::shards]
     summary = Summary(total=len(items))
     # options and names are checked before anything is skipped: a bad option is an error even
     # when every output exists
@@ -294,6 +313,7 @@ def run(cfg: UpsampleConfig) -> Summary:
         else:
             tqdm.write(text if world == 1 else f"[rank {rank}] {text}")
 
+    t0 = time.perf_counter()
     with sigterm_as_exit():
         for item in bar:
             stale = remove_stale_temps(item)
@@ -314,6 +334,7 @@ def run(cfg: UpsampleConfig) -> Summary:
                 empty_cache()  # the JBU kernel's buffer pool: sizes change between images
             bar.set_postfix_str("")
     bar.close()
+    summary.seconds = time.perf_counter() - t0
     return _gather(summary, world)
 
 
@@ -328,7 +349,7 @@ def _gather(summary: Summary, world: int) -> Summary:
     import torch.distributed as dist
     parts: list = [None] * world
     dist.all_gather_object(parts, summary)
-    total = Summary(total=summary.total)
+    total = Summary(total=summary.total, seconds=max(p.seconds for p in parts))
     for p in parts:
         total.written += p.written
         total.skipped += p.skipped
