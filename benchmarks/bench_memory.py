@@ -13,17 +13,33 @@ are square; the extra non-square size checks the per-pixel scaling.
     OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --parts tiled --sizes 896
 
 Writes benchmarks/results/memory.json and prints the fitted constants per pixel / token.
+
+``--cli`` instead runs the whole ``upfeat upsample`` command on a real photo resized to each
+size (``skate.jpg`` from ../shared/data/samples, saved as PNG), under ``/usr/bin/time -v``: peak
+RSS of the process (everything: torch, model, image, tiles, mapped output pages) against
+``--max-memory``, wall time, and the load average of this shared machine around the run.
+Acceptance (issue 15): peak <= 1.1 x budget, and the 6000x4000 JBU run <= 10 min.
+
+    python benchmarks/bench_memory.py --cli 1500x2000:1GB:bilinear 1500x2000:1GB:jbu \
+        4000x6000:2GB:jbu
+
+Appends to benchmarks/results/memory_cli.json and rewrites memory_cli.md.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
+import re
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "results"
+PHOTO = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "samples" / "featup" / "skate.jpg"
 
 
 def _status(key: str) -> int:
@@ -67,12 +83,67 @@ def one(part: str, upsampler: str, h: int, w: int) -> dict:
             "result_bytes": res.numel() * res.element_size(), "tokens": -(-h // 14) * -(-w // 14)}
 
 
+def cli_row(spec: str) -> dict:
+    """Run ``upfeat upsample`` for ``HxW:BUDGET:UPSAMPLER`` (float16 output) and measure it."""
+    from PIL import Image
+
+    from upfeat.memory import parse_bytes
+    size, budget, up = spec.split(":")
+    h, w = map(int, size.split("x"))
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+        src = Path(tmp) / f"photo_{h}x{w}.png"
+        with Image.open(PHOTO) as im:
+            im.convert("RGB").resize((w, h), Image.BICUBIC).save(src, compress_level=1)
+        cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "upfeat", "upsample", str(src),
+               "--out", str(Path(tmp) / "o"), "--upsampler", up, "--max-memory", budget,
+               "--dtype", "float16", "--accelerator", "cpu"]
+        load0, t0 = os.getloadavg(), time.time()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wall, load1 = time.time() - t0, os.getloadavg()
+        peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)[1]) * 1024
+        out = Path(tmp) / "o" / f"{src.stem}.safetensors"
+        plan = [ln for ln in r.stdout.splitlines() if ln.startswith(str(src))]
+    errors = [ln for ln in (r.stdout + r.stderr).splitlines()
+              if ln.startswith(("failed:", "error:"))]
+    return {"size": size, "budget": budget, "upsampler": up, "exit": r.returncode,
+            "written": out.name if r.returncode == 0 else None, "peak_rss": peak,
+            "peak_over_budget": round(peak / parse_bytes(budget), 3), "seconds": round(wall, 1),
+            "load_before": round(load0[0], 2), "load_after_1min": round(load1[0], 2),
+            "load_after_15min": round(load1[2], 2), "cpus": os.cpu_count(),
+            "plan": plan[0] if plan else None, "errors": errors[:2],
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def cli_rows(specs: list[str]) -> None:
+    path = OUT / "memory_cli.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    for spec in specs:
+        rows.append(cli_row(spec))
+        path.write_text(json.dumps(rows, indent=1) + "\n")
+        print(json.dumps(rows[-1]), flush=True)
+    lines = ["| image | budget | upsampler | exit | peak RSS | peak / budget | time | load (1 min, "
+             "before / after) | date |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {r['budget']} | {r['upsampler']} | {r['exit']} | "
+                     f"{r['peak_rss'] / 1e9:.2f} GB | {r['peak_over_budget']:.2f} | "
+                     f"{r['seconds'] / 60:.1f} min | {r['load_before']} / {r['load_after_1min']}"
+                     f" | {r['date']} |")
+    (OUT / "memory_cli.md").write_text(
+        "# `upfeat upsample` peak RSS vs --max-memory (float16 output, 2-core shared CPU)\n\n"
+        + "\n".join(lines) + "\n\nMade by `python benchmarks/bench_memory.py --cli ...`; "
+        "errors and the tile plan of each run are in memory_cli.json.\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--cli", nargs="+", metavar="HxW:BUDGET:UPSAMPLER")
     ap.add_argument("--one", nargs=4, metavar=("PART", "UPSAMPLER", "H", "W"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 448, 672, 896])
     ap.add_argument("--parts", nargs="+", default=["backbone", "upsampler", "both", "tiled"])
     args = ap.parse_args()
+    if args.cli:
+        cli_rows(args.cli)
+        return
     if args.one:
         part, up, h, w = args.one
         print(json.dumps(one(part, up, int(h), int(w))))

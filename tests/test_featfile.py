@@ -19,10 +19,11 @@ def test_round_trip_with_standard_readers(tmp_path, fmt, dtype):
     path = tmp_path / "sub" / f"x.{fmt}"
     meta = {"backbone": "vits14_focus", "size": "7 3", "tiles": 4}
 
-    def fill(t: torch.Tensor) -> None:
-        assert t.shape == (5, 7, 3) and t.dtype == dtype
-        t[:, :4] = data[:, :4]  # two writes, as tiles do
-        t[:, 4:] = data[:, 4:]
+    def fill(out) -> None:
+        assert out.tensor.shape == (5, 7, 3) and out.tensor.dtype == dtype
+        out.write(data[:, :4, :2])  # blocks, as tiles are
+        out.write(data[:, :4, 2:], 0, 2)
+        out.write(data[:, 4:], 4, 0)
 
     assert write_features(path, (5, 7, 3), dtype, meta, fill) == path
     want = data.to(dtype)
@@ -41,11 +42,11 @@ def test_round_trip_with_standard_readers(tmp_path, fmt, dtype):
 def test_failure_leaves_no_file_and_keeps_the_old_one(tmp_path):
     path = tmp_path / "x.safetensors"
 
-    def ok(t: torch.Tensor) -> None:
-        t.fill_(1)
+    def ok(out) -> None:
+        out.write(torch.ones(2, 2, 2))
 
-    def boom(t: torch.Tensor) -> None:
-        t.fill_(2)
+    def boom(out) -> None:
+        out.write(torch.full((2, 2, 2), 2.0))
         raise RuntimeError("out of memory in tile 3")
 
     with pytest.raises(RuntimeError, match="tile 3"):
@@ -59,4 +60,32 @@ def test_failure_leaves_no_file_and_keeps_the_old_one(tmp_path):
 
 def test_rejects_other_extensions(tmp_path):
     with pytest.raises(ValueError, match="must end in .safetensors or .npy"):
-        write_features(tmp_path / "x.pt", (1, 1, 1), torch.float32, {}, lambda t: None)
+        write_features(tmp_path / "x.pt", (1, 1, 1), torch.float32, {}, lambda out: None)
+
+
+def test_written_pages_leave_the_process(tmp_path):
+    """A 96 MB output streamed in blocks: resident memory grows by far less than the file."""
+    C, H, W = 96, 500, 1000
+
+    def rss_file() -> int:  # file-backed resident pages of this process, bytes
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+        raise KeyError("RssFile")
+
+    before, block = [], torch.randn(C, 100, 200)
+
+    def fill(out) -> None:
+        before.append(rss_file())
+        for y in range(0, H, 100):
+            for x in range(0, W, 200):
+                out.write(block, y, x)
+        before.append(rss_file())
+
+    path = write_features(tmp_path / "big.safetensors", (C, H, W), torch.float16, {}, fill)
+    assert before[1] - before[0] < 40 * 2**20  # vs 96 MB written
+    with pytest.raises(ValueError, match="does not fit"):
+        write_features(tmp_path / "bad.npy", (2, 2, 2), torch.float32, {},
+                       lambda out: out.write(torch.zeros(2, 2, 2), 1, 0))
+    feats = load_file(str(path))["features"]
+    assert torch.equal(feats[:, 400:, 800:], block.half())

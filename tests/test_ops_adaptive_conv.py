@@ -234,6 +234,55 @@ def test_clear_errors():
     _err(lambda: local_dot(q, feat[:, :2]), ShapeError, "do not fit query")
 
 
+def _raw_op_calls():
+    """Direct calls of the C++ ops with every size relation broken once (no Python checks)."""
+    B, C, H, W, k = 2, 3, 5, 6, 3
+    f = torch.randn(B, C, H + k - 1, W + k - 1)
+    g, a = torch.randn(B, C, H, W), torch.randn(B, C, H, W)
+    tap, hwk = torch.randn(B, k * k, H, W), torch.randn(B, H, W, k * k)
+    ops = torch.ops.upfeat
+    return {
+        "fwd feat too small": lambda: ops.acv_fwd(f[:, :, :-2, :-2].contiguous(), tap, k, True),
+        "fwd feat too wide": lambda: ops.acv_fwd(torch.randn(B, C, H + k - 1, W + k + 3), tap, k, True),
+        "fwd batch": lambda: ops.acv_fwd(f[:1].contiguous(), tap, k, True),
+        "fwd k vs taps": lambda: ops.acv_fwd(f, tap, 5, True),
+        "fwd even k": lambda: ops.acv_fwd(f, torch.randn(B, 4, H, W), 2, True),
+        "fwd pixel-major taps": lambda: ops.acv_fwd(f, hwk[..., :-1].contiguous(), k, False),
+        "fwd 3-D weights": lambda: ops.acv_fwd(f, tap[0], k, True),
+        "fwd dtype": lambda: ops.acv_fwd(f, tap.double(), k, True),
+        "tr batch": lambda: ops.acv_tr(g[:1].contiguous(), tap, k, True),
+        "tr size": lambda: ops.acv_tr(g[:, :, :-1].contiguous(), tap, k, True),
+        "tr k": lambda: ops.acv_tr(g, tap, 7, True),
+        "corr p too small": lambda: ops.acv_corr(a, f[:, :, :-1].contiguous(), k, True),
+        "corr channels": lambda: ops.acv_corr(a, f[:, :2].contiguous(), k, True),
+        "corr batch": lambda: ops.acv_corr(a[:1].contiguous(), f, k, False),
+        "corr k": lambda: ops.acv_corr(a, f, 5, True),
+        "band sizes": lambda: ops.band_matmul(a, torch.randn(7, H + 1), torch.randn(8, W)),
+        "band dtype": lambda: ops.band_matmul(a, torch.randn(7, H).double(), torch.randn(8, W)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_raw_op_calls()))
+def test_raw_cpp_ops_reject_mismatched_shapes(case):
+    """Issue 17: a direct torch.ops.upfeat call with inconsistent sizes raises, never reads out of
+    bounds (the Python front door checks too, but the ops are public through torch.ops)."""
+    if not can_run("cpp", torch.device("cpu")):
+        pytest.skip("C++ kernel unavailable")
+    with pytest.raises(RuntimeError):
+        _raw_op_calls()[case]()
+
+
+def test_raw_cpp_ops_accept_consistent_shapes():
+    if not can_run("cpp", torch.device("cpu")):
+        pytest.skip("C++ kernel unavailable")
+    feat, w = _inputs(2, 3, 5, 6, 3, dtype=torch.float64)
+    tap = w.permute(0, 3, 4, 1, 2).reshape(2, 9, 5, 6).contiguous()
+    out = torch.ops.upfeat.acv_fwd(feat, tap, 3, True)
+    torch.testing.assert_close(out, adaptive_conv_reference(feat, w))
+    assert torch.ops.upfeat.acv_tr(out, tap, 3, True).shape == feat.shape
+    assert torch.ops.upfeat.acv_corr(out, feat, 3, False).shape == (2, 5, 6, 9)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["compiled", "shift"])

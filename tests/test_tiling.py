@@ -184,16 +184,16 @@ def test_plan_memory_for_a_10000px_image():
     assert mem.untiled > 100 * budget  # one pass: ~0.5 TB
     assert mem.is_tiled and mem.tiled <= budget
     p, b = mem.plan, mem.backbone_plan
-    assert p.tile % 14 == 0 and p.tile >= 2 * p.overlap and p.overlap == 16 * 14
-    assert b.tiled and b.tile % 14 == 0 and b.tile > 4 * p.tile  # the backbone gets big tiles
-    for forced in ({"tile": p.tile + 14}, {"backbone_tile": b.tile + 14, "tile": p.tile}):
+    assert p.tile % 14 == 0 and p.tile >= 2 * p.overlap and p.overlap == 8 * 14
+    assert b.tiled and b.tile == 64 * 14  # the backbone's tiles: as large as attention allows
+    for forced in ({"tile": p.tile + 14},):
         bigger = plan_memory(model, (10000, 10000), budget, torch.float16,
                              output_in_memory=False, **forced)
         assert bigger.tiled > budget  # the largest tiles that fit were chosen
     msg = mem.message("huge.png")
     assert msg.startswith("huge.png: 10000x10000 px, output 76.8 GB (streamed to disk); one pass")
     n = len(p.ys)
-    assert f"upsampler in {n}x{n} tiles of {p.tile} px (overlap 224 px), backbone in 4x4" in msg
+    assert f"upsampler in {n}x{n} tiles of {p.tile} px (overlap 112 px), backbone in 13x13" in msg
     assert "\n" not in msg
     with pytest.raises(MemoryError, match="output alone is 76.8 GB"):
         plan_memory(model, (10000, 10000), budget, torch.float16, output_in_memory=True)
@@ -202,5 +202,13 @@ def test_plan_memory_for_a_10000px_image():
     small = plan_memory(model, (224, 224), budget)
     assert not small.is_tiled and small.bytes == small.untiled
     assert small.untiled == 15 * 224**2 + forward_bytes(model, 224, 224)
-    mid = plan_memory(model, (2000, 3000), budget, output_in_memory=False)
+    mid = plan_memory(model, (1500, 2000), budget, output_in_memory=False)
     assert mid.plan.tiled and not mid.backbone_plan.tiled  # the backbone still sees it whole
+    big = plan_memory(model, (2000, 3000), budget * 10, output_in_memory=False)
+    assert big.backbone_plan.tiled  # would fit, but 43k tokens of attention take minutes
+    # what the process holds already counts against the budget
+    based = plan_memory(model, (1500, 2000), budget, output_in_memory=False, base=budget // 2)
+    assert based.tiled <= budget // 2 < mid.tiled and based.plan.tile < mid.plan.tile
+    assert "budget 4.0 GB - 2.0 GB already in use" in based.message()
+    with pytest.raises(MemoryError, match="the process already uses 4.0 GB"):
+        plan_memory(model, (100, 100), budget, base=budget)

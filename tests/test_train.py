@@ -56,25 +56,35 @@ def test_config_schedule_and_validation():
     assert a.model_differences(b) == ["backbone: 'vits14_focus' -> 'dino_vits8'"]
 
 
-def test_batches_are_deterministic_and_sharded(image_dir):
-    from upfeat.train.data import TrainImages
+def test_batches_are_deterministic_sharded_and_streamed(image_dir, tmp_path):
+    from upfeat.train.data import TrainBatches, batch_loader, list_files
     (image_dir / "broken.jpg").write_bytes((image_dir / "camel" / "00000.jpg").read_bytes()[:500])
-    with pytest.warns(UserWarning) as rec:
-        data = TrainImages(image_dir, 64)
-    msgs = " ".join(str(w.message) for w in rec)
-    assert "notes.txt" in msgs and "broken.jpg" in msgs and "unreadable" in msgs
-    assert len(data) == 6
+    cache = tmp_path / "files.json"
+    with pytest.warns(UserWarning, match="notes.txt"):
+        files = list_files([image_dir], cache)
+    assert len(files) == 7 and sum(f.endswith("broken.jpg") for f in files) == 1
+    # the list is cached: a file added later is not seen by a run resumed with the same --data
+    shutil.copy(image_dir / "camel" / "00000.jpg", image_dir / "zzz.jpg")
+    assert list_files([image_dir], cache) == files
+    with pytest.warns(UserWarning, match="notes.txt"):  # other --data: listed again
+        assert len(list_files([image_dir, image_dir / "zzz.jpg"], cache, write=False)) == 8
+
+    data = TrainBatches(files, 64, batch_size=2, seed=1, crops=56)
+    # the broken file is replaced by the next readable one, with a warning naming it
+    with pytest.warns(UserWarning, match=r"unreadable image: .*broken\.jpg"):
+        seen = [data[s] for s in range(10)]
+    a = seen[5]
+    assert a.shape == (2, 3, 56, 56) and a.dtype == torch.uint8
+    assert torch.equal(a, data[5]) and not torch.equal(a, seen[6])
+    # DataLoader workers give exactly the same batches, in step order, from any start step
+    assert all(torch.equal(x, y) for x, y in zip(batch_loader(data, range(3, 10), workers=2),
+                                                 seen[3:]))
+    # two ranks at one step see different images (a global batch is split, not duplicated)
+    ranks = [TrainBatches(files, 64, batch_size=3, seed=1, crops=64, rank=r, world_size=2)
+             for r in (0, 1)]
+    assert len({*ranks[0].indices(0), *ranks[1].indices(0)}) == 6
     with pytest.raises(ValueError, match="no readable images"), pytest.warns(UserWarning):
-        TrainImages(image_dir / "broken.jpg", 64)
-    a = data.batch(5, seed=1, batch_size=2, crop=56)
-    assert a.shape == (2, 3, 56, 56) and 0 <= a.min() and a.max() <= 1
-    assert torch.equal(a, data.batch(5, seed=1, batch_size=2, crop=56))
-    assert not torch.equal(a, data.batch(6, seed=1, batch_size=2, crop=56))
-    # Two ranks at one step see different images (a global batch is split, not duplicated).
-    r0 = data.batch(0, seed=1, batch_size=3, crop=64, rank=0, world_size=2)
-    r1 = data.batch(0, seed=1, batch_size=3, crop=64, rank=1, world_size=2)
-    sums = {round(float(x.sum()), 3) for x in torch.cat([r0, r1])}
-    assert len(sums) == 6
+        TrainBatches([image_dir / "broken.jpg"], 64, 1, 0, 56)[0]
 
 
 def test_optimizer_state_round_trip(tmp_path):
@@ -167,15 +177,17 @@ def test_train_cli_writes_run_and_load_roundtrip(image_dir, tmp_path):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(image_dir, tmp_path):
+    """The reference decodes in the training process (--workers 0), the killed run in 2 DataLoader
+    workers (killed with them), the resumed one in-process again: data never depends on workers."""
     steps, args = 30, ["--data", str(image_dir), "--ckpt-every", "4", *TINY]
     ref = tmp_path / "ref"
-    r = run_cli([*args, "--out", str(ref), "--steps", str(steps)], cwd=tmp_path)
+    r = run_cli([*args, "--out", str(ref), "--steps", str(steps), "--workers", "0"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
 
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "upfeat", "train", *args, "--out", str(run),
-                             "--steps", str(steps)], cwd=tmp_path, env=env,
+                             "--steps", str(steps), "--workers", "2"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = run / "checkpoints" / "last.safetensors"
     deadline = time.time() + 300
@@ -187,7 +199,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(image_dir, tmp_path):
     killed_at = read_meta(ckpt)["train"]["step"]
     assert 0 < killed_at < steps and not (run / "model.safetensors").exists()
 
-    r = run_cli(["--out", str(run), "--resume", "--no-progress"], cwd=tmp_path)
+    r = run_cli(["--out", str(run), "--resume", "--no-progress", "--workers", "0"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = tensors_of(ref / "model.safetensors"), tensors_of(run / "model.safetensors")
     assert a.keys() == b.keys()
@@ -284,3 +296,66 @@ def test_one_agnostic_jbu_trains_on_two_backbones(image_dir, tmp_path):
     r = run_cli([*args[:-1], "--upsampler-args", "{}", "--out", str(tmp_path / "x"), "--steps", "1"],
                 cwd=tmp_path)
     assert r.returncode != 0 and "backbone-agnostic upsampler" in r.stderr
+
+
+@pytest.mark.slow  # three training processes: ~40 s on a quiet 2-core machine
+def test_two_nodes_equal_one_node_with_two_processes(image_dir, tmp_path):
+    """Multi-node as Lightning Fabric runs it (MASTER_ADDR/MASTER_PORT/NODE_RANK, one command per
+    node): 2 "nodes" x 1 process on localhost give the weights of 1 node x 2 processes."""
+    import socket
+    args = ["--data", str(image_dir), "--steps", "5", "--accelerator", "cpu", "--strategy", "ddp",
+            "--workers", "1", *TINY]
+    one = tmp_path / "one"
+    r = run_cli([*args, "--out", str(one), "--devices", "2"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "upfeat", "train", *args, "--out", str(two), "--devices", "1",
+         "--num-nodes", "2"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port), "NODE_RANK": str(node)}) for node in (0, 1)]
+    errs = [p.communicate(timeout=600)[1] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert read_meta(two / "model.safetensors")["train"]["world_size"] == 2
+    a, b = tensors_of(one / "model.safetensors"), tensors_of(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff == 0.0, f"2 nodes x 1 process differ from 1 node x 2 processes by {diff}"
+
+
+def test_train_options_are_generated_from_the_config(tmp_path, monkeypatch):
+    """Every TrainConfig field is an `upfeat train` option (name, type, help from the field);
+    options not given keep the config's defaults; JSON options are parsed, bad JSON is exit 2."""
+    import dataclasses
+
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    import upfeat.train
+    from upfeat.cli import app
+    seen = []
+    monkeypatch.setattr(upfeat.train, "fit", lambda cfg: seen.append(cfg) or tmp_path / "m")
+    r = CliRunner().invoke(app, ["train", "--data", "a", "--data", "b", "--out", str(tmp_path / "r"),
+                                 "--warmup", "7", "--grad-clip", "0.5", "--no-uncertainty",
+                                 "--downsampler-args", '{"kernel_size": 5}', "--devices", "2",
+                                 "--workers", "0", "--objective", "scale"])
+    assert r.exit_code == 0, r.output
+    cfg = seen[0]
+    assert (cfg.data, cfg.warmup, cfg.grad_clip, cfg.uncertainty, cfg.downsampler_kwargs,
+            cfg.devices, cfg.workers) == (["a", "b"], 7, 0.5, False, {"kernel_size": 5}, 2, 0)
+    assert cfg.upsampler == "jbu_cells"  # the scale objective's upsampler unless one is given
+    default = TrainConfig()
+    assert (cfg.steps, cfg.lr, cfg.progress, cfg.resume) == (default.steps, default.lr, True, False)
+    helps = {o: p.help for p in get_command(app).commands["train"].params for o in p.opts}
+    for f in dataclasses.fields(TrainConfig):
+        name = f.metadata.get("cli", "--" + f.name.replace("_", "-"))
+        assert helps.get(name) == f.metadata["help"], f.name
+    r = CliRunner().invoke(app, ["train", "--data", "a", "--upsampler-args", "[1]"])
+    assert r.exit_code == 2 and "--upsampler-args must be a JSON object" in r.output
+    r = CliRunner().invoke(app, ["train", "--data", "a", "--out", str(tmp_path / "r"),
+                                 "--workers", "-1"])
+    assert r.exit_code == 2 and "workers must be an int >= 0" in r.stderr

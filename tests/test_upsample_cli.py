@@ -68,8 +68,7 @@ def make_inputs(root: Path) -> dict[str, np.ndarray | tuple[int, int]]:
                                                                                exif=exif)
     Image.new("RGB", (1, 1), (10, 200, 30)).save(root / "tiny.png")
     Image.new("RGB", (33, 21), "white").save(root / "sub" / "deep" / "nested.jpg")
-    Image.new("RGB", (20, 20), "red").save(root / "dup.jpg")  # same stem, two extensions
-    Image.new("RGB", (20, 20), "blue").save(root / "dup.png")
+    Image.new("RGB", (20, 20), "red").save(root / "dup.jpg")
     huge = Image.new("RGB", (10000, 10000), (40, 120, 200))
     ImageDraw.Draw(huge).ellipse((2000, 2000, 8000, 8000), fill=(230, 200, 20))
     huge.save(root / "huge.jpg", quality=80)
@@ -87,7 +86,7 @@ def make_inputs(root: Path) -> dict[str, np.ndarray | tuple[int, int]]:
             "exif": np.rot90(_decoded(root / "exif.jpg"), k=-1),
             "tiny": np.uint8([[[10, 200, 30]]]),
             "sub/deep/nested": _decoded(root / "sub" / "deep" / "nested.jpg"),
-            "dup.jpg": _decoded(root / "dup.jpg"), "dup.png": _decoded(root / "dup.png"),
+            "dup": _decoded(root / "dup.jpg"),
             "huge": (448, 448)}
 
 
@@ -95,7 +94,7 @@ def test_folder_of_odd_and_broken_images(tmp_path):
     src, out = tmp_path / "photos", tmp_path / "feats"
     expected = make_inputs(src)
     args = [str(src), str(src / "notes.txt"), "--out", str(out), "--format", "npy", "--viz",
-            "--dtype", "float16", "--max-side", "448", "--max-memory", "200MB", "--upsampler",
+            "--dtype", "float16", "--max-side", "448", "--max-memory", "1GB", "--upsampler",
             "bilinear"]
     r = run_cli(*args, cwd=tmp_path)
     assert r.returncode == 1, r.stderr[-3000:]  # some files failed, the rest was written
@@ -104,13 +103,15 @@ def test_folder_of_odd_and_broken_images(tmp_path):
     for name, problem in (("trunc.png", "truncated or corrupt"), ("fake.jpg", "not an image"),
                           ("notes.txt", "not an image")):
         assert any(str(src / name) in ln and problem in ln for ln in failed), (name, failed)
-    assert "wrote 12, skipped 0 already done, failed 3 of 15 image(s)" in r.stdout
+    assert "wrote 11, skipped 0 already done, failed 3 of 14 image(s)" in r.stdout
     assert "skipped 1 file(s) that are not images by extension" in r.stderr  # notes.txt, in photos/
-    assert "upsample: 100%" in r.stderr and "15/15" in r.stderr  # the progress bar
-    # the 10000x10000 image, shrunk to 448 px, is still over 200 MB in one pass: tiled
+    assert "upsample: 100%" in r.stderr and "14/14" in r.stderr  # the progress bar
+    # the 10000x10000 image, shrunk to 448 px, is still over what the 1 GB leaves after torch
+    # and the model (~0.8 GB, measured by the run) in one pass: tiled
     tiled = [ln for ln in r.stdout.splitlines() if "huge.jpg" in ln]
     assert len(tiled) == 1 and "448x448 px" in tiled[0] and "tiles of" in tiled[0], r.stdout
-    assert "one pass would need ~" in tiled[0] and "> budget 200.0 MB" in tiled[0]
+    assert "one pass would need ~" in tiled[0] and "> budget 1.0 GB - " in tiled[0]
+    assert " already in use" in tiled[0]
 
     model = upfeat.create_model("vits14_focus", "bilinear")
     for name, want in expected.items():
@@ -135,8 +136,25 @@ def test_folder_of_odd_and_broken_images(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     again = upsample_in_process(*args, "--no-progress")
     assert again.exit_code == 1
-    assert "wrote 0, skipped 12 already done, failed 3 of 15 image(s)" in again.stdout
+    assert "wrote 0, skipped 11 already done, failed 3 of 14 image(s)" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps  # nothing rewritten
+
+
+def test_output_names_do_not_depend_on_siblings(tmp_path):
+    """Issue 15: ``a.png`` is always ``OUT/a.<format>``; a second input with the same name
+    (``a.jpg`` beside it) is a clash, reported before anything runs."""
+    from upfeat.jobs import list_items
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "sub" / "b.png")
+    alone = list_items((str(tmp_path),), tmp_path / "o", "npy", True)
+    assert [(i.out.name, i.png.name) for i in alone] == [("a.npy", "a.pca.png"), ("b.npy", "b.pca.png")]
+    Image.new("RGB", (20, 20), "blue").save(tmp_path / "a.jpg")
+    with pytest.raises(ValueError, match=r"a\.(jpg|png) and .*a\.(jpg|png) would both be written "
+                                         r"to .*a\.npy; process them with separate --out folders"):
+        list_items((str(tmp_path),), tmp_path / "o", "npy", False)
+    (only,) = list_items((str(tmp_path / "a.png"),), tmp_path / "o", "npy", False)
+    assert only.out == tmp_path / "o" / "a.npy"  # the same name as without the sibling
 
 
 def test_safetensors_output_and_forced_tiles(tmp_path, monkeypatch):
@@ -305,3 +323,24 @@ def test_stale_temp_files_are_removed_and_sigterm_cleans_up(tmp_path, monkeypatc
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 143, r.stderr
     assert (tmp_path / "t").is_dir() and not list((tmp_path / "t").iterdir())
+
+
+def test_shards_split_a_folder_and_report_throughput(tmp_path):
+    """--shard i/n (independent jobs, e.g. a SLURM array): disjoint parts that together write
+    every image once; the summary reports images/s; a run over the whole folder then skips all."""
+    src, out = tmp_path / "imgs", tmp_path / "feats"
+    src.mkdir()
+    for i in range(5):
+        Image.new("RGB", (28 + 14 * i, 28), (40 * i, 0, 0)).save(src / f"{i}.png")
+    runs = [upsample_in_process(str(src), "--out", str(out), "--shard", f"{k}/2", *FAST)
+            for k in (0, 1)]
+    assert [r.exit_code for r in runs] == [0, 0], runs[0].output + runs[1].output
+    assert "wrote 3, skipped 0 already done, failed 0 of 3 image(s)" in runs[0].stdout
+    assert "wrote 2, skipped 0 already done, failed 0 of 2 image(s)" in runs[1].stdout
+    assert "images/s)" in runs[0].stdout
+    assert {p.name for p in out.iterdir()} == {f"{i}.safetensors" for i in range(5)}
+    assert read_features(out / "3.safetensors")[0].shape[-2:] == (28, 70)
+    again = upsample_in_process(str(src), "--out", str(out), *FAST)
+    assert "wrote 0, skipped 5 already done" in again.stdout
+    bad = upsample_in_process(str(src), "--out", str(out), "--shard", "2/2", *FAST)
+    assert bad.exit_code == 2 and "--shard must be i/n with 0 <= i < n" in bad.stderr

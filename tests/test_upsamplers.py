@@ -184,6 +184,19 @@ def test_early_residual_equals_featup_late_residual():
     torch.testing.assert_close(up(feats, img), x + 0.1 * up.residual(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fixup,residual", [("zero_sum", True), ("featup", True), ("zero_sum", False)])
+def test_mix_commutes_with_the_stack(fixup, residual):
+    """forward(mix=M) == M(forward): training projects before upsampling (C/30 times cheaper)."""
+    torch.manual_seed(0)
+    up = JBUStack(6, 14, kernel_fixup=fixup, residual=residual).double().eval()
+    feats, img = _inputs(6, 14, 60, 75)
+    feats, img = feats.double(), img.double()
+    m = torch.randn(6, 2, dtype=torch.float64)
+    mix = lambda x: torch.einsum("bchw,cd->bdhw", x, m)  # noqa: E731
+    assert up.channel_separable == (fixup != "featup" or not residual)
+    torch.testing.assert_close(up(feats, img, mix=mix), mix(up(feats, img)))
+
+
 def test_resize_conv_starts_as_bilinear():
     feats, img = _inputs(5, 14, 100, 130)
     torch.testing.assert_close(create_upsampler("resize_conv", 5, 14)(feats, img),

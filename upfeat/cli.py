@@ -1,7 +1,6 @@
 """The ``upfeat`` command line (typer). Heavy imports happen inside the commands."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,73 +17,31 @@ def _root() -> None:
     """Sharp, full-resolution features for any vision backbone (FeatUp)."""
 
 
-def _json_dict(text: Optional[str], option: str) -> Optional[dict]:
-    if text is None:
-        return None
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise typer.BadParameter(f"{option} must be a JSON object, e.g. '{{\"layers\": -2}}' ({e})")
-    if not isinstance(d, dict):
-        raise typer.BadParameter(f"{option} must be a JSON object, got {text!r}")
-    return d
+from ._cli_options import dataclass_options, json_dict as _json_dict
+from .train.config import TrainConfig
 
 
 @app.command()
 @user_errors
-def train(
-    data: Annotated[Optional[list[Path]], typer.Option(help="Image folder(s)/file(s), searched recursively; repeat for several.")] = None,
-    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, model.safetensors, metrics.csv, loss.png.")] = Path("runs/jbu"),
-    backbone: Annotated[Optional[str], typer.Option(help="Registered backbone name or timm:<name>; or a comma-separated list (one per step, in turn) to train one backbone-agnostic upsampler (--upsampler-args '{\"residual\": false, \"steps\": 5}', or --objective scale).")] = None,
-    backbone_args: Annotated[Optional[str], typer.Option(help="JSON keywords for the backbone, e.g. '{\"layers\": -2}'.")] = None,
-    objective: Annotated[Optional[str], typer.Option(help="multiview (FeatUp's, default) or scale (real 2x targets; trains the backbone-agnostic jbu_cells).")] = None,
-    recon_weight: Annotated[Optional[float], typer.Option(help="scale objective: weight of the image-reconstruction term.")] = None,
-    upsampler: Annotated[Optional[str], typer.Option(help="Upsampler to train (jbu_stack, resize_conv; jbu_cells with --objective scale).")] = None,
-    upsampler_args: Annotated[Optional[str], typer.Option(help="JSON keywords for the upsampler.")] = None,
-    downsampler: Annotated[Optional[str], typer.Option(help="simple or attention.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Total optimiser steps.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per step per process.")] = None,
-    views: Annotated[Optional[int], typer.Option(help="Jittered views per image per step.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Square training crop side (pixels).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (NAdam).")] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="cosine or constant (after warm-up).")] = None,
-    crf_weight: Annotated[Optional[float], typer.Option(help="Bilateral smoothness weight.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of every random choice.")] = None,
-    accelerator: Annotated[Optional[str], typer.Option(help="cpu, cuda, auto.")] = None,
-    devices: Annotated[Optional[str], typer.Option(help="Processes/GPUs per node (int or 'auto').")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="auto, ddp, ddp_spawn, fsdp, ...")] = None,
-    num_nodes: Annotated[Optional[int], typer.Option(help="Nodes (multi-node DDP).")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="32-true, bf16-mixed, 16-mixed.")] = None,
-    ckpt_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint (weights, optimiser, step, RNG).")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-) -> None:
+@dataclass_options(TrainConfig, always=("out", "resume", "progress"))
+def train(given: dict) -> None:
     """Train an upsampler on a folder of images: FeatUp's multi-view consistency loss, or
-    (--objective scale) real 2x targets for one JBU shared by several backbones."""
+    (--objective scale) real 2x targets for one JBU shared by several backbones.
+
+    Every option is a field of upfeat.train.TrainConfig; with --resume, options not given continue the saved run."""
     from .checkpoint import read_meta
-    from .train import TrainConfig, fit
+    from .train import fit
     from .train.engine import CKPT, RUN_STATS
 
-    if objective == "scale" and upsampler is None:
-        upsampler = "jbu_cells"
-    given = {"backbone": backbone, "backbone_kwargs": _json_dict(backbone_args, "--backbone-args"),
-             "objective": objective, "recon_weight": recon_weight,
-             "upsampler": upsampler, "upsampler_kwargs": _json_dict(upsampler_args, "--upsampler-args"),
-             "downsampler": downsampler, "steps": steps, "batch_size": batch_size, "views": views,
-             "image_size": image_size, "lr": lr, "schedule": schedule, "crf_weight": crf_weight,
-             "seed": seed, "accelerator": accelerator,
-             "devices": (int(devices) if devices and devices.isdigit() else devices),
-             "strategy": strategy, "num_nodes": num_nodes, "precision": precision,
-             "ckpt_every": ckpt_every, "data": [str(d) for d in data] if data else None}
-    given = {k: v for k, v in given.items() if v is not None}
+    if given.get("objective") == "scale" and "upsampler" not in given:
+        given["upsampler"] = "jbu_cells"
     base: dict = {}
-    ckpt = out / CKPT
-    if resume and ckpt.is_file():  # unspecified options continue the saved run
+    ckpt = Path(given["out"]) / CKPT
+    if given["resume"] and ckpt.is_file():  # unspecified options continue the saved run
         base = {k: v for k, v in read_meta(ckpt)["train"].items() if k not in RUN_STATS}
     if not given.get("data") and not base.get("data"):
         raise typer.BadParameter("--data is required (a folder of images)", param_hint="--data")
-    cfg = TrainConfig.from_dict({**base, **given, "out": str(out), "resume": resume,
-                                 "progress": progress})
+    cfg = TrainConfig.from_dict({**base, **given})
     path = fit(cfg)  # bad settings, missing files or weights: one line, exit 2 (user_errors)
     typer.echo(f"model: {path}")
 
@@ -133,6 +90,7 @@ def upsample(
     devices: Annotated[int, typer.Option(help="Processes/GPUs per node; each takes every N-th image.")] = 1,
     strategy: Annotated[str, typer.Option(help="auto (one process) or ddp.")] = "auto",
     num_nodes: Annotated[int, typer.Option(help="Nodes (multi-node DDP).")] = 1,
+    shard: Annotated[Optional[str], typer.Option(help="i/n: process only images i, i+n, ... of the sorted list (independent jobs, e.g. a SLURM array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT).", show_default=False)] = None,
 ) -> None:
     """Write full-resolution features of images (any size; tiled when over --max-memory).
 
@@ -150,7 +108,7 @@ def upsample(
         upsampler=upsampler, format=format, viz=viz, size=size, max_side=max_side,
         dtype=dtype, max_memory=max_memory, tile=tile, overwrite=overwrite,
         progress=progress, accelerator=accelerator, devices=devices, strategy=strategy,
-        num_nodes=num_nodes)
+        num_nodes=num_nodes, shard=shard)
     summary = run(cfg)  # setup errors: one line, exit 2 (user_errors)
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:

@@ -8,13 +8,17 @@
 - ``.npy``: the array, and the same metadata in ``<stem>.json`` beside it (written first).
 
 The file is created at full size in a temporary file beside the target (disk space reserved up
-front, so a full disk fails cleanly instead of crashing a memory-mapped write), filled through a
-memory map (so outputs larger than RAM stream to disk tile by tile), fsync'ed and renamed.
+front, so a full disk fails cleanly instead of crashing a memory-mapped write), filled block by
+block through a memory map (:class:`MappedFeatures`), fsync'ed and renamed. Written pages are
+dropped from the process right away (they stay in the kernel's page cache until written back),
+so the resident memory of a run does not grow with the output: an 18 GB output streams to disk
+with a few MB of it mapped at any time.
 """
 from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -25,7 +29,7 @@ import torch
 
 from .checkpoint import atomic_write
 
-__all__ = ["DTYPES", "FORMATS", "complete_meta", "read_features", "write_features"]
+__all__ = ["DTYPES", "FORMATS", "MappedFeatures", "complete_meta", "read_features", "write_features"]
 
 FORMATS = ("safetensors", "npy")
 DTYPES = {"float16": (torch.float16, "F16"), "float32": (torch.float32, "F32")}
@@ -43,32 +47,94 @@ def _reserve(path: Path, nbytes: int) -> None:
             f.truncate(nbytes)
 
 
-def _safetensors_map(path: Path, shape: tuple[int, ...], dtype: torch.dtype,
-                     meta: dict[str, str]) -> np.memmap:
+def _safetensors_header(shape: tuple[int, ...], dtype: torch.dtype, meta: dict[str, str]) -> bytes:
     code = {t: c for t, c in DTYPES.values()}[dtype]
     nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     header = {"features": {"dtype": code, "shape": list(shape), "data_offsets": [0, nbytes]},
               "__metadata__": meta}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # data aligned to 8 bytes, as safetensors writes it
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-    _reserve(path, 8 + len(text) + nbytes)
-    return np.memmap(path, dtype=_NP[dtype], mode="r+", offset=8 + len(text), shape=shape)
+    return struct.pack("<Q", len(text)) + text
 
 
-def _npy_map(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> np.memmap:
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=_NP[dtype], shape=shape)
-    _reserve(path, arr.offset + arr.nbytes)
-    return arr
+def _npy_header(shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.dtype(_NP[dtype]).str,
+                                               "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+class MappedFeatures:
+    """The ``(C, H, W)`` array of a feature file being written, memory-mapped.
+
+    :meth:`write` copies a block in groups of channels and drops each group's pages from this
+    process right after (``madvise(MADV_DONTNEED)``: dirty pages stay in the page cache and
+    are written back by the kernel), so resident memory stays at ~``group_bytes`` however
+    large the file. :attr:`tensor` is the whole mapped array (pages touched through it stay
+    resident until :meth:`write` or :meth:`release` drops them).
+    """
+
+    def __init__(self, path: Path, header: bytes, shape: tuple[int, int, int],
+                 dtype: torch.dtype, group_bytes: int = 16 * 2**20) -> None:
+        self.shape, self.dtype, self.offset = shape, dtype, len(header)
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.group_bytes = group_bytes
+        with open(path, "wb") as f:
+            f.write(header)
+        _reserve(path, len(header) + int(np.prod(shape)) * self.itemsize)
+        with open(path, "r+b") as f:
+            self._mm = mmap.mmap(f.fileno(), 0)
+        arr = np.frombuffer(self._mm, dtype=_NP[dtype], count=int(np.prod(shape)),
+                            offset=self.offset)
+        self.tensor = torch.from_numpy(arr.reshape(shape))
+
+    def write(self, block: torch.Tensor, y0: int = 0, x0: int = 0) -> None:
+        """Store ``block`` ``(C, h, w)`` (any float dtype, any device) at rows ``y0:y0+h``,
+        columns ``x0:x0+w`` (cast to the file's dtype)."""
+        C, H, W = self.shape
+        c, h, w = block.shape
+        if c != C or y0 < 0 or x0 < 0 or y0 + h > H or x0 + w > W:
+            raise ValueError(f"block {tuple(block.shape)} at ({y0}, {x0}) does not fit "
+                             f"{self.shape}")
+        # bytes one channel touches: whole pages of each of its h row segments
+        per_channel = h * (w * self.itemsize if w == W else w * self.itemsize + mmap.PAGESIZE)
+        step = max(1, self.group_bytes // max(1, per_channel))
+        for c0 in range(0, C, step):
+            c1 = min(C, c0 + step)
+            self.tensor[c0:c1, y0:y0 + h, x0:x0 + w].copy_(block[c0:c1])
+            self.release(c0, c1, y0, y0 + h)
+
+    def release(self, c0: int = 0, c1: int | None = None, y0: int = 0, y1: int | None = None,
+                ) -> None:
+        """Drop the pages of channels ``c0:c1``, rows ``y0:y1`` from this process."""
+        C, H, W = self.shape
+        c1, y1 = C if c1 is None else c1, H if y1 is None else y1
+        page = mmap.PAGESIZE
+        start = self.offset + (c0 * H + y0) * W * self.itemsize
+        end = self.offset + ((c1 - 1) * H + y1) * W * self.itemsize
+        start -= start % page
+        end = min(len(self._mm), -(-end // page) * page)
+        if end > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def close(self) -> None:
+        """Flush and unmap (``tensor`` must no longer be used)."""
+        self._mm.flush()
+        del self.tensor
+        try:
+            self._mm.close()
+        except BufferError:  # a caller kept a view: the map closes when that is collected
+            pass
 
 
 def write_features(path: str | os.PathLike[str], shape: tuple[int, int, int], dtype: torch.dtype,
-                   meta: dict[str, str], fill: Callable[[torch.Tensor], None]) -> Path:
+                   meta: dict[str, str], fill: Callable[[MappedFeatures], None]) -> Path:
     """Create ``path`` (``.safetensors`` or ``.npy``) holding a ``shape`` array of ``dtype``.
 
-    ``fill(t)`` gets a ``(C, H, W)`` CPU tensor mapped onto the temporary file and must write
-    every element (it must not keep references to ``t``). The target appears only complete.
+    ``fill(out)`` gets the :class:`MappedFeatures` of the temporary file and must write every
+    element (``out.write(block, y0, x0)``; it must not keep references to ``out.tensor``). The
+    target appears only complete.
     """
     path = Path(path)
     fmt = path.suffix.lstrip(".")
@@ -78,15 +144,15 @@ def write_features(path: str | os.PathLike[str], shape: tuple[int, int, int], dt
     if fmt == "npy":
         atomic_write(path.with_suffix(".json"),
                      lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    header = (_npy_header(shape, dtype) if fmt == "npy" else
+              _safetensors_header(shape, dtype, meta))
 
     def write(tmp: Path) -> None:
-        if fmt == "npy":
-            arr = _npy_map(tmp, shape, dtype)
-        else:
-            arr = _safetensors_map(tmp, shape, dtype, meta)
-        fill(torch.from_numpy(arr))
-        arr.flush()
-        del arr
+        out = MappedFeatures(tmp, header, shape, dtype)
+        try:
+            fill(out)
+        finally:
+            out.close()
 
     return atomic_write(path, write)
 

@@ -6,7 +6,10 @@ Behaviour (see :func:`run`):
   (details and clashes: :mod:`upfeat.jobs`).
 - Any size: ``--size H W`` / ``--max-side N`` resize the image first; the memory of each image is
   estimated (:mod:`upfeat.memory`) and it is tiled (:mod:`upfeat.tiling`) when one pass would
-  exceed ``--max-memory``. Outputs stream to disk through a memory map, so they may exceed RAM.
+  exceed ``--max-memory``, the budget of the whole process (what it holds before the image,
+  torch and the model, is measured and counted). Tiles stream to disk as they are computed
+  (:class:`upfeat.featfile.MappedFeatures`), so outputs may exceed RAM and never count against
+  the budget.
 - Re-runs skip an image only when its outputs are complete, readable and made with the same
   settings (backbone, upsampler and its weights, size, dtype, format, upfeat version: stored in
   each file); anything else is redone, with a note (``--overwrite`` recomputes everything).
@@ -17,7 +20,9 @@ Behaviour (see :func:`run`):
   others are written. Every output appears atomically (temporary file + rename).
 - Several processes (``--devices N --strategy ddp``, Lightning Fabric): rank ``r`` of ``n`` takes
   items ``r, r + n, ...`` of the sorted list, so no file is written twice; counts and failures are
-  gathered on rank 0.
+  gathered on rank 0. Independent jobs (e.g. a SLURM array) split a folder with ``--shard i/n``:
+  items ``i, i + n, ...`` (then split again between the job's ranks).
+- The summary reports the throughput (images written per second of wall time).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .featfile import DTYPES, FORMATS, write_features
+from .featfile import DTYPES, FORMATS, MappedFeatures, write_features
 from .io import ImageReadError, to_tensor
 from .jobs import Item, list_items, prepare
 
@@ -69,6 +75,7 @@ class UpsampleConfig:
     devices: int = 1
     strategy: str = "auto"
     num_nodes: int = 1
+    shard: str | None = None  # "i/n": items i, i + n, ... of the sorted list
 
     def __post_init__(self) -> None:
         from .memory import parse_bytes
@@ -97,6 +104,16 @@ class UpsampleConfig:
             raise ValueError(f"--devices and --num-nodes must be >= 1, got {self.devices}, "
                              f"{self.num_nodes}")
         parse_bytes(self.max_memory)
+        self.shard_of()
+
+    def shard_of(self) -> tuple[int, int]:
+        """``(i, n)`` of ``--shard i/n`` (``(0, 1)``: everything)."""
+        if self.shard is None:
+            return 0, 1
+        i, _, n = self.shard.partition("/")
+        if not (i.strip().isdigit() and n.strip().isdigit() and 0 <= int(i) < int(n)):
+            raise ValueError(f"--shard must be i/n with 0 <= i < n, e.g. 0/4, got {self.shard!r}")
+        return int(i), int(n)
 
     @property
     def world(self) -> int:
@@ -111,10 +128,13 @@ class Summary:
     written: int = 0
     skipped: int = 0
     failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the processing loop (the slowest process)
 
     def line(self, out: str) -> str:
+        rate = (f" in {self.seconds:.1f} s ({self.written / self.seconds:.2f} images/s)"
+                if self.written and self.seconds > 0 else "")
         return (f"wrote {self.written}, skipped {self.skipped} already done, failed "
-                f"{len(self.failed)} of {self.total} image(s) -> {out}")
+                f"{len(self.failed)} of {self.total} image(s) -> {out}{rate}")
 
 
 def settings_of(cfg: UpsampleConfig, model: torch.nn.Module) -> str:
@@ -159,12 +179,12 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
             device: torch.device, note: Note, settings: str = "") -> None:
     """Compute and write the outputs of one image (``settings``: :func:`settings_of`); raises on
     failure."""
-    from .memory import format_bytes, plan_memory
+    from .memory import format_bytes, plan_memory, resident_memory
     from .tiling import upsample_tiled
     img, original = prepare(item.src, cfg.size, cfg.max_side)
     dtype = DTYPES[cfg.dtype][0]
     mem = plan_memory(model, (img.height, img.width), budget, dtype, output_in_memory=False,
-                      tile=cfg.tile)
+                      tile=cfg.tile, base=resident_memory())
     item.out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(item.out.parent).free
     if mem.output > free:
@@ -183,17 +203,18 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
             "backbone_tiles": mem.backbone_plan.n_tiles, "upfeat_version": __version__,
             "settings": settings}
 
-    def fill(t: torch.Tensor) -> None:
-        out = t[None]
+    def fill(out: MappedFeatures) -> None:
         with torch.inference_mode():
             if mem.is_tiled:
-                _, lowres = upsample_tiled(model, x, mem.plan, mem.backbone_plan, out=out,
-                                           progress=lambda d, n: note(f"tile {d}/{n}", True))
+                _, lowres = upsample_tiled(model, x, mem.plan, mem.backbone_plan,
+                                           progress=lambda d, n: note(f"tile {d}/{n}", True),
+                                           write=lambda b, y0, x0: out.write(b[0], y0, x0))
             else:
                 lowres = model.lowres(x)
-                out.copy_(model.upsampler(lowres, x))
+                out.write(model.upsampler(lowres, x)[0])
             if item.png is not None:
-                save_viz(item.png, x[0], lowres[0], t, model.stride)
+                save_viz(item.png, x[0], lowres[0], out.tensor, model.stride)
+                out.release()
 
     write_features(item.out, (model.dim, H, W), dtype, meta, fill)
 
@@ -256,6 +277,8 @@ def run(cfg: UpsampleConfig) -> Summary:
         items = list_items(cfg.inputs, cfg.out, cfg.format, cfg.viz)
     if not items:
         raise ValueError(f"no images found in {', '.join(cfg.inputs)}")
+    shard, shards = cfg.shard_of()
+    items = items[shard::shards]
     summary = Summary(total=len(items))
     # options and names are checked before anything is skipped: a bad option is an error even
     # when every output exists
@@ -290,6 +313,7 @@ def run(cfg: UpsampleConfig) -> Summary:
         else:
             tqdm.write(text if world == 1 else f"[rank {rank}] {text}")
 
+    t0 = time.perf_counter()
     with sigterm_as_exit():
         for item in bar:
             stale = remove_stale_temps(item)
@@ -310,6 +334,7 @@ def run(cfg: UpsampleConfig) -> Summary:
                 empty_cache()  # the JBU kernel's buffer pool: sizes change between images
             bar.set_postfix_str("")
     bar.close()
+    summary.seconds = time.perf_counter() - t0
     return _gather(summary, world)
 
 
@@ -324,7 +349,7 @@ def _gather(summary: Summary, world: int) -> Summary:
     import torch.distributed as dist
     parts: list = [None] * world
     dist.all_gather_object(parts, summary)
-    total = Summary(total=summary.total)
+    total = Summary(total=summary.total, seconds=max(p.seconds for p in parts))
     for p in parts:
         total.written += p.written
         total.skipped += p.skipped

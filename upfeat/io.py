@@ -168,13 +168,16 @@ def _pixel_cap(max_pixels: float | None) -> float:
 
 
 def load_image(path: PathLike, *, max_pixels: float | None = None,
-               background: tuple[int, int, int] = WHITE) -> Image.Image:
+               background: tuple[int, int, int] = WHITE, min_side: int | None = None
+               ) -> Image.Image:
     """Read an image file as an 8-bit RGB ``PIL.Image`` (``size == (W, H)`` after EXIF rotation).
 
     Any mode is converted as described in the module docstring; transparent pixels are
     composited over ``background`` (white). Images over ``max_pixels`` pixels (default: the
     environment variable ``UPFEAT_MAX_PIXELS``, else :data:`DEFAULT_MAX_PIXELS` = 250 M) are
     refused before decoding; below it, PIL's decompression-bomb limit does not apply.
+    ``min_side``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (PIL's draft mode, several times
+    faster) as long as both sides stay >= ``min_side`` (for callers that shrink it anyway).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -200,6 +203,8 @@ def load_image(path: PathLike, *, max_pixels: float | None = None,
                     path, f"image is {w} x {h} = {w * h / 1e6:.3g} M pixels, over the cap of "
                     f"{cap / 1e6:.3g} M pixels; raise it with load_image(..., max_pixels=N) or the "
                     f"environment variable UPFEAT_MAX_PIXELS=N if it fits in memory")
+            if min_side is not None and im.format == "JPEG":
+                im.draft(None, (min_side, min_side))
             try:
                 if pil_limit is not None and w * h > pil_limit:
                     with _pil_limit_lifted():

@@ -1,9 +1,11 @@
 """The work list of a batch run: input images, their output paths, and reading them.
 
-The output of ``SRC_ROOT/a/b.jpg`` is ``OUT/a/b.<format>`` (``OUT/b.<format>`` for a file given
-directly). Two inputs of one folder that differ only in extension keep it (``b.jpg.npy``,
-``b.png.npy``); any other clash is an error before anything runs. Files under ``OUT`` are never
-inputs (a re-run would otherwise pick up the ``--viz`` PNGs).
+The output of ``SRC_ROOT/a/b.jpg`` is always ``OUT/a/b.<format>`` (``OUT/b.<format>`` for a file
+given directly): a name depends on the input's own path only, never on which other files are
+there. Two inputs that would get the same name (``b.jpg`` and ``b.png`` in one folder, or two
+given files ``x/b.png`` and ``y/b.png``) are an error before anything runs; process them into
+separate ``--out`` folders. Files under ``OUT`` are never inputs (a re-run would otherwise pick
+up the ``--viz`` PNGs).
 """
 from __future__ import annotations
 
@@ -64,14 +66,7 @@ def list_items(inputs: tuple[str, ...], out: str | os.PathLike[str], fmt: str,
                 continue
             seen.add(real)
             found.append((f, f.relative_to(root) if root.is_dir() else Path(f.name)))
-    stems: dict[Path, list[int]] = {}
-    for i, (_, rel) in enumerate(found):
-        stems.setdefault(rel.with_suffix(""), []).append(i)
     names = [rel.with_suffix("") for _, rel in found]
-    for stem, idx in stems.items():
-        if len(idx) > 1:
-            for i in idx:
-                names[i] = found[i][1]  # keep the extension: b.jpg -> b.jpg.<fmt>
     clash: dict[Path, Path] = {}
     for (src, _), name in zip(found, names):
         if name in clash:

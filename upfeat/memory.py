@@ -1,7 +1,8 @@
 """How much memory an upsampling run needs, and the tile size that keeps it under a budget.
 
 Estimates are in bytes, for float32 compute, on top of the process itself and the model weights
-(~0.5 GB for vits14_focus). Measured on this project's 2-core CPU machine with
+(~0.8 GB resident for vits14_focus + JBU, 0.5 GB of it torch alone; ``upfeat upsample`` measures
+it, :func:`resident_memory`, and plans the rest of its budget: ``base`` of :func:`plan_memory`). Measured on this project's 2-core CPU machine with
 ``benchmarks/bench_memory.py`` (peak resident memory of one forward in a fresh process,
 ``benchmarks/results/memory.json``) and rounded up; they hold within ~10 % for ViT-S/14 +
 bilinear / JBU from 224² to 896², and are rough for other backbones. For an ``H x W`` image with
@@ -20,10 +21,10 @@ the larger of its two stages (:mod:`upfeat.tiling`), both holding the image and 
 features ``C * N * 4``:
 
 - stage 1: + backbone on the whole image, or on one backbone tile if that does not fit;
-- stage 2: + upsampler on one tile of ``T x T`` px, + one tile's output ``C * T² * 4`` of slack
-  (the JBU kernel's buffer pool keeps it between tiles; for bilinear the allocator keeps about
-  as much from stage 1), + the output if it is held in memory (``C * H * W * itemsize``; 0 when
-  it streams to a file, as ``upfeat upsample`` does).
+- stage 2: + upsampler on one tile of ``T x T`` px (its result included; the tile's owned part
+  goes straight to the output), + the output if it is held in memory (``C * H * W * itemsize``)
+  or, when it streams to a file (``upfeat upsample``), the pages of one written channel group
+  (:data:`STREAM_BYTES`, :class:`upfeat.featfile.MappedFeatures`).
 
 Tiled runs checked with ``bench_memory.py --parts tiled`` (448-px upsampler tiles, backbone in
 one pass, output in memory): measured / estimated peak, MiB: JBU 896² 2244 / 2460, 672² 1751 /
@@ -41,13 +42,19 @@ import torch
 from .tiling import BACKBONE_OVERLAP_CELLS, TilePlan, default_overlap, plan_tiles
 
 __all__ = ["MemoryPlan", "available_memory", "backbone_bytes", "format_bytes", "forward_bytes",
-           "parse_bytes", "plan_memory", "upsampler_bytes"]
+           "parse_bytes", "plan_memory", "resident_memory", "upsampler_bytes"]
 
 MiB = 2**20
 K_BACKBONE = 26.0
 _INTERP = ("nearest", "bilinear", "bicubic")
 K_LEARNED, PER_PX_LEARNED, CONST_LEARNED = 2.2, 1200, 96 * MiB
 IMAGE_BYTES_PER_PX = 15
+# A ViT's attention costs ~tokens² (1.2e12 FLOP per 1000² tokens for ViT-S): past ~2000x1500 px
+# one backbone pass takes minutes, so larger images get backbone tiles of <= 64x64 cells
+# (896 px at stride 14, ~1.5 s each on 2 cores) even when one pass would fit in memory.
+WHOLE_BACKBONE_TOKENS = 128 * 128
+BACKBONE_TILE_CELLS = 64
+STREAM_BYTES = 16 * MiB  # mapped output pages resident while one block is written
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "tib": 2**40}
@@ -63,6 +70,15 @@ def available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resident_memory() -> int:
+    """Bytes this process holds in RAM now (Linux ``VmRSS``; 0 where unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def parse_bytes(text: str | int | float, name: str = "--max-memory") -> int:
@@ -136,7 +152,8 @@ class MemoryPlan:
     """Untiled and tiled estimates for one image, and the chosen tiles of both stages.
 
     Attributes:
-        size: ``(H, W)``.  budget: the allowed bytes.  output: bytes of the ``(C, H, W)`` result
+        size: ``(H, W)``.  budget: the allowed bytes (``base`` included).  base: bytes the
+        process held before the run (counted against ``budget``).  output: bytes of the ``(C, H, W)`` result
         in the output dtype.  untiled: estimated bytes of one pass.  tiled: estimated peak of
         the two tiled stages (equal to ``untiled`` when nothing is tiled).
         plan: the upsampler's tiles.  backbone_plan: the backbone's tiles (usually one).
@@ -151,6 +168,7 @@ class MemoryPlan:
     plan: TilePlan
     backbone_plan: TilePlan
     output_in_memory: bool = True
+    base: int = 0
 
     @property
     def is_tiled(self) -> bool:
@@ -159,7 +177,7 @@ class MemoryPlan:
 
     @property
     def bytes(self) -> int:
-        """Estimated bytes of the chosen run."""
+        """Estimated bytes of the chosen run (``base`` not included)."""
         return self.tiled if self.is_tiled else self.untiled
 
     def message(self, what: str = "image") -> str:
@@ -168,11 +186,13 @@ class MemoryPlan:
         where = "" if self.output_in_memory else " (streamed to disk)"
         head = f"{what}: {H}x{W} px, output {format_bytes(self.output)}{where}"
         one = f"one pass {'would need' if self.is_tiled else 'needs'} ~{format_bytes(self.untiled)}"
-        over = " >" if self.untiled > self.budget else ","
+        over = " >" if self.untiled + self.base > self.budget else ","
+        budget = f"budget {format_bytes(self.budget)}" + (
+            f" - {format_bytes(self.base)} already in use" if self.base else "")
         if not self.is_tiled:
-            return f"{head}; {one}{over} budget {format_bytes(self.budget)}"
-        return (f"{head}; {one}{over} budget {format_bytes(self.budget)}: upsampler in "
-                f"{_tiles(p)}, backbone in {_tiles(b)}, ~{format_bytes(self.tiled)}")
+            return f"{head}; {one}{over} {budget}"
+        return (f"{head}; {one}{over} {budget}: upsampler in {_tiles(p)}, backbone in "
+                f"{_tiles(b)}, ~{format_bytes(self.tiled)}")
 
 
 def _tiles(p: TilePlan) -> str:
@@ -197,7 +217,7 @@ def _largest(cost: Callable[[int], int], budget: int, lo: int, hi: int, s: int) 
 def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
                 dtype: torch.dtype = torch.float32, output_in_memory: bool = True,
                 tile: int | None = None, overlap: int | None = None,
-                backbone_tile: int | None = None) -> MemoryPlan:
+                backbone_tile: int | None = None, base: int = 0) -> MemoryPlan:
     """Estimate one image's run; if it exceeds ``budget`` bytes, pick tiles for each stage.
 
     Args:
@@ -209,9 +229,12 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
             :func:`~upfeat.tiling.default_overlap`).
         backbone_tile: force tiles for the backbone too (overlap
             :data:`~upfeat.tiling.BACKBONE_OVERLAP_CELLS` cells).
+        base: bytes the process already holds (e.g. :func:`resident_memory` after loading the
+            model); the run gets ``budget - base``.
 
-    The backbone runs in one pass whenever that fits (it is the only stage whose features
-    change when tiled); each stage otherwise gets the largest tile (a multiple of the stride,
+    The backbone runs in one pass whenever that fits and has at most
+    :data:`WHOLE_BACKBONE_TOKENS` tokens (it is the only stage whose features change when
+    tiled), else in tiles of at most :data:`BACKBONE_TILE_CELLS` cells; each stage otherwise gets the largest tile (a multiple of the stride,
     at least twice its overlap) whose estimate fits. Raises ``MemoryError`` (one line) if even
     the smallest tiles do not fit.
     """
@@ -222,34 +245,40 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
     untiled = image + forward_bytes(model, H, W) + (output if converted else 0)
     full = max(-(-H // s), -(-W // s)) * s
     one = plan_tiles((H, W), s, full, 0)
-    if tile is None and backbone_tile is None and untiled <= budget:
-        return MemoryPlan((H, W), budget, output, untiled, untiled, one, one, output_in_memory)
+    total, budget = budget, budget - base  # what the run itself may use
+    if budget <= 0:
+        raise MemoryError(f"the process already uses {format_bytes(base)} (torch and the "
+                          f"model), over the budget of {format_bytes(total)}; raise --max-memory")
+    small = _grid(model, H, W)[1] <= WHOLE_BACKBONE_TOKENS
+    if tile is None and backbone_tile is None and untiled <= budget and small:
+        return MemoryPlan((H, W), total, output, untiled, untiled, one, one, output_in_memory,
+                          base)
     if output_in_memory and output > budget:
         raise MemoryError(f"the {C}x{H}x{W} output alone is {format_bytes(output)}, over the "
                           f"budget of {format_bytes(budget)}; stream it to a file (upfeat "
                           f"upsample), shrink the image, or use float16")
-    kept = output if output_in_memory else 0
+    kept = output if output_in_memory else STREAM_BYTES
 
     def stage1(t: int) -> int:  # image + low-res features + the backbone on one tile
         return image + low + backbone_bytes(model, min(t, H), min(t, W))
 
-    def stage2(t: int) -> int:  # ... + the upsampler on one tile + slack of one tile's output
-        th, tw = min(t, H), min(t, W)
-        slack = C * th * tw * 4 if t < full else 0
-        return image + low + upsampler_bytes(model, th, tw) + slack + kept
+    def stage2(t: int) -> int:  # ... + the upsampler on one tile (+ the output or its pages)
+        return image + low + upsampler_bytes(model, min(t, H), min(t, W)) + kept
 
     ov_b = BACKBONE_OVERLAP_CELLS * s
     ov_u = default_overlap(getattr(model.upsampler, "name", ""), s) if overlap is None else overlap
-    tb = backbone_tile or (full if stage1(full) <= budget
-                           else _largest(stage1, budget, 2 * ov_b, full, s))
+    whole = stage1(full) <= budget and _grid(model, H, W)[1] <= WHOLE_BACKBONE_TOKENS
+    cap = max(BACKBONE_TILE_CELLS * s, 2 * ov_b)
+    tb = backbone_tile or (full if whole else _largest(stage1, budget, 2 * ov_b, min(full, cap), s))
     tu = tile or _largest(stage2, budget, 2 * ov_u, full, s)
     if tb is None or tu is None:
         need = max(stage1(2 * ov_b), stage2(2 * ov_u))
         raise MemoryError(
             f"{H}x{W} px needs ~{format_bytes(need)} even in the smallest tiles "
             f"({2 * ov_u} px; one pass: ~{format_bytes(untiled)}), over the budget of "
-            f"{format_bytes(budget)}; raise --max-memory or shrink the image (--max-side)")
+            f"{format_bytes(budget)}{f' left of {format_bytes(total)}' if base else ''}; raise "
+            f"--max-memory or shrink the image (--max-side)")
     plan = plan_tiles((H, W), s, tu, min(ov_u, tu // 2 // s * s))
     bplan = plan_tiles((H, W), s, tb, min(ov_b, tb // 2 // s * s))
-    return MemoryPlan((H, W), budget, output, untiled, max(stage1(tb), stage2(tu)), plan, bplan,
-                      output_in_memory)
+    return MemoryPlan((H, W), total, output, untiled, max(stage1(tb), stage2(tu)), plan, bplan,
+                      output_in_memory, base)

@@ -5,21 +5,25 @@ Two stages, each tiled only when needed (:func:`upfeat.memory.plan_memory` decid
 1. Backbone: one pass over the whole image when it fits (its activations are ~30x smaller than
    the full-resolution output), else overlapping tiles blended at cell level.
 2. Upsampler: overlapping tiles, each given its window of the image and of the low-res
-   features, blended per pixel.
+   features; each tile *owns* the pixels nearer to it than to its neighbours (the overlap is
+   split in the middle) and hands only those on (:func:`upsample_tiled`'s ``write``), so the
+   full output never needs to be in memory and every pixel is computed with at least
+   ``overlap/2`` pixels of context on each inner side.
 
 Tiles are squares whose origins and sides are multiples of the backbone stride ``s``, so each
 sees the image's own feature grid: cell ``(i, j)`` of a tile at ``(y0, x0)`` is cell
 ``(i + y0/s, j + x0/s)`` of the image, and a tile clipped by the bottom/right border is padded
-exactly as the whole image is. Blend weights are separable; they are 0 within ``margin =
-overlap/4`` pixels of a tile edge lying inside the image, rise along a raised-cosine ramp over
-the next ``margin`` pixels and are 1 beyond; they are normalised to sum to 1 at every pixel (at
-every cell for the backbone stage), so there are no seams.
+exactly as the whole image is. Backbone blend weights are separable; they are 0 within ``margin
+= overlap/4`` pixels of a tile edge lying inside the image, rise along a raised-cosine ramp over
+the next ``margin`` pixels and are 1 beyond; they are normalised to sum to 1 at every cell, so
+there are no seams.
 
 Exactness: the upsamplers are local (nearest: 0 cells, bilinear: 1, bicubic: 2, JBU stack: its
 influence falls below 1e-6 within 4 cells), so the upsampler stage with the default overlaps
-reproduces the one-pass result up to float rounding (``tests/test_tiling.py``). A tiled
-*backbone* is exact only if it is local too; a ViT attends to the whole tile, so its features
-change (measured and bounded in the tests), which is why the backbone is tiled last.
+(twice that reach) reproduces the one-pass result up to float rounding
+(``tests/test_tiling.py``). A tiled *backbone* is exact only if it is local too; a ViT attends
+to the whole tile, so its features change (measured and bounded in the tests), which is why the
+backbone is tiled last.
 """
 from __future__ import annotations
 
@@ -31,21 +35,23 @@ import torch
 
 from .backbones.base import check_image
 
-__all__ = ["BACKBONE_OVERLAP_CELLS", "TilePlan", "default_overlap", "lowres_tiled", "plan_tiles",
+__all__ = ["BACKBONE_OVERLAP_CELLS", "TilePlan", "default_overlap", "lowres_tiled", "owned_spans",
+           "plan_tiles",
            "upsample_tiled"]
 
-# Overlap in feature cells. The zero margin (overlap/4) must cover the reach of the upsampler
-# (nearest: 0 cells, bilinear: 1, bicubic: 2, JBU stack: ~4 before its influence is < 1e-5)
-# plus that of the backbone (0 for a patchify layer, 1 for a 3x3 conv after it, ...).
-_OVERLAP_CELLS = {"nearest": 4, "bilinear": 8, "bicubic": 8, "resize_conv": 8}
-_OVERLAP_CELLS_LEARNED = 16
+# Upsampler overlap in feature cells: each tile keeps half of it as context, which must cover
+# the reach of the upsampler (nearest: 0 cells, bilinear: 1, bicubic: 2, JBU stack: ~4 before
+# its influence is < 1e-6) plus that of the backbone (0 for a patchify layer, 1 for a 3x3 conv
+# after it, ...).
+_OVERLAP_CELLS = {"nearest": 2, "bilinear": 4, "bicubic": 4, "resize_conv": 4}
+_OVERLAP_CELLS_LEARNED = 8
 BACKBONE_OVERLAP_CELLS = 8
 """Overlap of backbone tiles, in cells (only used when the backbone itself must be tiled)."""
 
 
 def default_overlap(upsampler_name: str, stride: int) -> int:
-    """Default tile overlap in pixels: 4 cells for nearest, 8 for bilinear/bicubic/resize_conv,
-    16 for the JBU stack (and any other upsampler)."""
+    """Default upsampler tile overlap in pixels: 2 cells for nearest, 4 for
+    bilinear/bicubic/resize_conv, 8 for the JBU stack (and any other upsampler)."""
     return _OVERLAP_CELLS.get(upsampler_name, _OVERLAP_CELLS_LEARNED) * stride
 
 
@@ -57,8 +63,8 @@ class TilePlan:
         size: ``(H, W)`` of the image.  stride: backbone stride ``s``.
         tile: tile side in pixels (multiple of ``s``); tiles clipped by the image are smaller.
         overlap: minimum overlap of neighbouring tiles in pixels (multiple of ``s``).
-        margin: pixels next to an inner tile edge with weight 0 (``overlap / 4``); the weight
-            reaches 1 at ``2 * margin``.
+        margin: backbone tiles: pixels next to an inner tile edge with weight 0
+            (``overlap / 4``); the weight reaches 1 at ``2 * margin``.
         ys, xs: tile origins (multiples of ``s``, increasing); tiles are ``ys x xs``.
     """
 
@@ -185,32 +191,51 @@ def _indices(plan: TilePlan) -> Iterator[tuple[int, int]]:
     return ((i, j) for i in range(len(plan.ys)) for j in range(len(plan.xs)))
 
 
+def owned_spans(length: int, origins: tuple[int, ...], tile: int) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of the pixels each tile writes along one axis: neighbours split
+    their overlap in the middle, so the spans partition ``[0, length)``.
+
+    Example:
+        >>> owned_spans(500, (0, 140, 280), 224)
+        [(0, 182), (182, 322), (322, 500)]
+    """
+    ends = [min(o + tile, length) for o in origins]
+    cuts = [0, *((origins[k + 1] + ends[k]) // 2 for k in range(len(origins) - 1)), length]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+Write = Callable[[torch.Tensor, int, int], None]  # write(block (B, C, h, w), y0, x0)
+
+
 def upsample_tiled(model: torch.nn.Module, img: torch.Tensor, plan: TilePlan,
                    backbone_plan: TilePlan | None = None, out: torch.Tensor | None = None,
                    progress: Callable[[int, int], None] | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   write: Write | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Features of ``img`` in two tiled stages: ``(out (B, dim, H, W), lowres (B, dim, h, w))``.
 
     1. The backbone runs once on the whole image (``backbone_plan=None``), or on the tiles of
        ``backbone_plan`` (blended at cell level; a ViT's features then change, see the module
        docstring).
     2. The upsampler runs on the tiles of ``plan``, each given its window of the low-res
-       features and of the image, and the results are blended. The upsamplers are local, so
-       with the default overlaps this stage reproduces the one-pass result up to float rounding.
+       features and of the image; each tile's owned pixels (:func:`owned_spans`) are stored.
+       The upsamplers are local, so with the default overlaps this stage reproduces the
+       one-pass result up to float rounding.
 
     Args:
         model: an :class:`upfeat.UpFeat` (anything with ``lowres``, ``upsampler``, ``dim``,
             ``stride``); call under ``torch.inference_mode()`` to keep memory low.
         img: ``(B, 3, H, W)`` RGB in ``[0, 1]``, ``(H, W) == plan.size``.
         plan, backbone_plan: from :func:`plan_tiles` with the model's stride.
-        out: optional ``(B, dim, H, W)`` tensor to fill (any float dtype, any device, e.g. a
-            ``torch.from_numpy`` view of a memory-mapped file); every element is written, so
-            it need not be zeroed. Blending accumulates in ``out``'s dtype (float16: each
-            pixel is rounded once per tile covering it, at most 4 times).
+        out: optional ``(B, dim, H, W)`` tensor to fill (any float dtype, any device); every
+            element is written once, so it need not be zeroed.
         progress: called as ``progress(done, total)`` after each tile of either stage.
+        write: instead of ``out``, called as ``write(block, y0, x0)`` with each tile's owned
+            ``(B, dim, h, w)`` float32 block (e.g. :meth:`upfeat.featfile.MappedFeatures.write`
+            streaming to a file); the blocks partition the image. ``out`` is then ``None``.
 
     Returns:
-        ``out`` and the low-res features ``(B, dim, ceil(H/s), ceil(W/s))`` float32.
+        ``out`` (``None`` with ``write``) and the low-res features
+        ``(B, dim, ceil(H/s), ceil(W/s))`` float32.
     """
     dims = check_image(img)
     for p in (plan, backbone_plan or plan):
@@ -230,34 +255,18 @@ def upsample_tiled(model: torch.nn.Module, img: torch.Tensor, plan: TilePlan,
             progress(done, total)
 
     lowres = lowres_tiled(model, img, backbone_plan, tick)
-    if out is None:  # after stage 1, whose peak it would otherwise add to
-        out = torch.empty(B, C, H, W, device=img.device)
-    wy, wx = (axis_weights(n, o, plan.tile, plan.margin) for n, o in ((H, plan.ys), (W, plan.xs)))
-    row_end = col_end = 0  # pixels < row_end (< col_end in this row) were written by earlier tiles
+    if write is None:
+        if out is None:  # after stage 1, whose peak it would otherwise add to
+            out = torch.empty(B, C, H, W, device=img.device)
+
+        def write(block: torch.Tensor, y0: int, x0: int) -> None:
+            out[..., y0:y0 + block.shape[-2], x0:x0 + block.shape[-1]].copy_(block)
+    oy, ox = owned_spans(H, plan.ys, plan.tile), owned_spans(W, plan.xs, plan.tile)
     for (y0, y1, x0, x1), (i, j) in zip(plan.windows(), _indices(plan)):
-        if j == 0:
-            row_end, col_end = (row_end if i == 0 else min(plan.ys[i - 1] + plan.tile, H)), 0
         lr = lowres[..., y0 // s:-(-y1 // s), x0 // s:-(-x1 // s)]
         up = model.upsampler(lr, img[..., y0:y1, x0:x1])
-        up.mul_((wy[i][:, None] * wx[j][None, :]).to(up))
-        _accumulate(out, up, y0, x0, row_end, col_end)
+        (a, b), (c, d) = oy[i], ox[j]
+        write(up[..., a - y0:b - y0, c - x0:d - x0], a, c)
         del up
-        col_end = x1
         tick()
     return out, lowres
-
-
-def _accumulate(out: torch.Tensor, up: torch.Tensor, y0: int, x0: int, row_end: int,
-                col_end: int) -> None:
-    """Add the weighted tile ``up`` at ``(y0, x0)``; pixels no earlier tile wrote are assigned
-    (origins increase, so earlier tiles wrote rows ``< row_end`` and, in this row of tiles,
-    columns ``< col_end``)."""
-    th, tw = up.shape[-2:]
-    ry, rx = max(0, min(row_end - y0, th)), max(0, min(col_end - x0, tw))
-    dst = out[..., y0:y0 + th, x0:x0 + tw]
-    up = up.to(out.device)
-    if ry:  # rows already written by the previous row of tiles
-        dst[..., :ry, :].add_(up[..., :ry, :])
-    if rx:  # fresh rows, but columns written by the previous tile of this row
-        dst[..., ry:, :rx].add_(up[..., ry:, :rx])
-    dst[..., ry:, rx:].copy_(up[..., ry:, rx:])

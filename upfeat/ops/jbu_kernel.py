@@ -97,11 +97,12 @@ def jbu_kernel(
         # the window (cancels in the softmax): one local_dot of [g, 1] with [g, -|g_q|²/2].
         query = torch.cat([guidance, torch.ones_like(guidance[:, :1])], dim=1)
         keys = torch.cat([guidance, -0.5 * guidance.pow(2).sum(1, keepdim=True)], dim=1)
-    logits = local_dot(query, _pad(keys, k // 2), backend=backend)
+    # t·<q, k> = <t·q, k>: scaling the query (D channels) instead of the logits (k*k) saves a pass.
+    temperature = torch.as_tensor(temperature, device=query.device, dtype=query.dtype)
+    logits = local_dot(temperature * query, _pad(keys, k // 2), backend=backend)
     tm = logits.permute(0, 3, 4, 1, 2).reshape(B, k * k, H, W)  # free for the cpp backend
-    temperature = torch.as_tensor(temperature, device=tm.device, dtype=tm.dtype)
     log_s = spatial_log_kernel(k, sigma, device=tm.device, dtype=tm.dtype)
-    w = torch.softmax(temperature * tm + log_s.view(1, k * k, 1, 1), dim=1)
+    w = torch.softmax(tm + log_s.view(1, k * k, 1, 1), dim=1)
     return w.view(B, k, k, H, W).permute(0, 3, 4, 1, 2)
 
 

@@ -18,7 +18,7 @@ from .. import __version__, backbones
 from ..checkpoint import CheckpointError, load_checkpoint, load_module_state, save_checkpoint, subdict
 from ..jitter import apply_view, sample_views
 from .config import TrainConfig
-from .data import STEP, TrainImages, derive_seed
+from .data import FILE_LIST, STEP, TrainBatches, batch_loader, derive_seed, list_files
 from .log import CsvLog, plot_curve
 from .objective import MultiViewObjective
 from .scale import ScaleObjective, scale_crop, scale_targets
@@ -79,22 +79,26 @@ def fit(cfg: TrainConfig) -> Path:
                     num_nodes=cfg.num_nodes, precision=cfg.precision)
     fabric.launch()
     out, rank, world = Path(cfg.out), fabric.global_rank, fabric.world_size
+    start, elapsed = (0, 0.0) if meta is None else (meta["train"]["step"], meta["train"]["elapsed_s"])
 
     scale, parts, loss_keys = cfg.objective == "scale", PARTS[cfg.objective], LOSSES[cfg.objective]
     nets = [fabric.to_device(backbones.create(name, **cfg.backbone_kwargs).requires_grad_(False).eval())
             for name in cfg.backbones]
     backbone = nets[0]
     crops = [2 * scale_crop(cfg.image_size, b.stride) if scale else cfg.image_size for b in nets]
-    data = TrainImages(cfg.data, max(cfg.image_size, math.ceil(cfg.image_size * cfg.resize)))
+    # the file list is cached in the run folder: a resumed run draws from the same list
+    files = list_files(cfg.data, out / FILE_LIST, write=rank == 0)
+    data = TrainBatches(files, max(cfg.image_size, math.ceil(cfg.image_size * cfg.resize)),
+                        cfg.batch_size, cfg.seed, crops, rank, world)
+    del files  # the dataset keeps a compact copy (forked workers share it)
+    data.read(data.indices(start)[0])  # no readable image at all: one clear error, here
     torch.manual_seed(cfg.seed)  # parameter initialisation
     make = ScaleObjective if scale else MultiViewObjective
     objective = make.from_config(cfg, [b.dim for b in nets] if not scale else backbone.dim,
                                  [b.stride for b in nets] if not scale else backbone.stride)
-    start, elapsed = 0, 0.0
     if tensors is not None:
         for name in parts:
             load_module_state(getattr(objective, name), subdict(tensors, name), name, out / CKPT)
-        start, elapsed = meta["train"]["step"], meta["train"]["elapsed_s"]
     params = list(objective.parameters())
     groups = [{"params": [p for p in params if p.ndim > 0], "lr_mult": 1.0},
               {"params": [p for p in params if p.ndim == 0], "lr_mult": cfg.scalar_lr}]
@@ -123,14 +127,16 @@ def fit(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0 or not cfg.progress,
                desc=f"train {cfg.upsampler} on {cfg.backbone} ({cfg.objective})", dynamic_ncols=True)
     objective.train()
+    batches = iter(batch_loader(data, range(start, cfg.steps), cfg.workers,
+                                pin_memory=fabric.device.type == "cuda"))
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
+        image = fabric.to_device(next(batches)).float().div_(255)
+        wait = time.perf_counter() - t0  # receiving + converting the batch; + decoding if behind
         seed = derive_seed(cfg.seed, STEP, step, rank)
         torch.manual_seed(seed)  # dropout etc.: a function of (seed, step, rank), so resumable
         gen = torch.Generator(device=fabric.device).manual_seed(seed)
         which = step % len(nets)  # several backbones: one per step, in turn
-        image = fabric.to_device(data.batch(step, cfg.seed, cfg.batch_size, crops[which], rank,
-                                            world))
         lr = cfg.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
@@ -164,7 +170,8 @@ def fit(cfg: TrainConfig) -> Path:
                                          f"or set --grad-clip; last checkpoint is in {out / CKPT}")
             if log is not None:
                 log.append({"step": step + 1, **dict(zip(loss_keys, vals)),
-                            "lr": lr, "sec_per_step": dt, "elapsed_s": elapsed})
+                            "lr": lr, "sec_per_step": dt, "data_wait_s": wait,
+                            "elapsed_s": elapsed})
             bar.set_postfix(loss=f"{vals[0]:.4f}", s_per_step=f"{dt:.2f}")
         bar.update(1)
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-COLUMNS = ["step", "loss", "nll", "crf", "tv", "kernel", "feat", "recon", "lr", "sec_per_step", "elapsed_s"]
+COLUMNS = ["step", "loss", "nll", "crf", "tv", "kernel", "feat", "recon", "lr", "sec_per_step", "data_wait_s",
+           "elapsed_s"]
 
 
 class CsvLog:

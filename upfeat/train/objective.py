@@ -60,21 +60,32 @@ class MultiViewObjective(nn.Module):
             view_feats[i] = ``f(t_i(image))`` ``(B, C, h, w)``.
             which: index of the backbone that made the features (several backbones).
         """
-        hr = self._ups[which](lr_feats, image)
+        ups = self._ups[which]
         down, crit = self.downsampler, self.criterion
         if isinstance(crit, nn.ModuleList):
             down, crit = down[which], crit[which]
         p = crit.proj_dim
         # Project once per step, before warping: P·t(F) = t(P·F) and pooling is per channel, so
         # every view then warps and pools proj_dim (+ guidance) channels instead of C (12x less
-        # work for C=384; the warp's backward dominated the step otherwise).
-        proj = (None if p is None else
-                random_projection(crit.dim, p, generator, device=hr.device, dtype=hr.dtype))
-        maps = [hr if proj is None else project(hr, proj)]
-        guide = down.guidance(hr) if proj is not None else None
-        if guide is not None:
-            maps.append(guide)
-        z, c = torch.cat(maps, 1), maps[0].shape[1]
+        # work for C=384; the warp's backward dominated the step otherwise). Both maps are linear
+        # per pixel, so an upsampler that treats every channel alike applies them before
+        # upsampling (``mix``): it then upsamples those few channels, not C.
+        proj = (None if p is None else random_projection(crit.dim, p, generator,
+                                                         device=lr_feats.device, dtype=lr_feats.dtype))
+        with torch.no_grad():  # does this downsampler have guidance maps? (one-pixel probe)
+            guided = proj is not None and down.guidance(lr_feats[:, :, :1, :1]) is not None
+
+        def maps(hr: torch.Tensor) -> torch.Tensor:
+            if proj is None:
+                return hr
+            return torch.cat([project(hr, proj), down.guidance(hr)], 1) if guided else project(hr, proj)
+
+        if proj is not None and getattr(ups, "channel_separable", False):
+            z = ups(lr_feats, image, mix=maps)
+        else:
+            z = maps(ups(lr_feats, image))
+        c = z.shape[1] - int(guided)
+        guide = z[:, c:] if guided else None
         crf = crit.crf_weight > 0
         total: dict[str, torch.Tensor] = {}
         for view, x_v, f_v in zip(views, view_images, view_feats, strict=True):

@@ -10,13 +10,14 @@ renormalised (:func:`upfeat.ops.jbu_kernel`), plus a learned 0.1-scaled kernel c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._checks import ShapeError, check_floating, check_shape
-from ..ops import adaptive_conv, jbu_kernel
+from ..ops import adaptive_conv, band_matmul, jbu_kernel
 from ..ops.jbu_kernel import RANGE_KERNELS
 from ._registry import register_upsampler
 from .base import Upsampler, check_size, resize_area
@@ -37,18 +38,15 @@ def _bicubic_matrix(n_in: int, n_out: int, r: int, like: torch.Tensor) -> torch.
 
 
 def bicubic_padded(x: torch.Tensor, size: tuple[int, int], r: int) -> torch.Tensor:
-    """``pad(F.interpolate(x, size, mode="bicubic"), r, mode="reflect")`` as two matmuls.
+    """``pad(F.interpolate(x, size, mode="bicubic"), r, mode="reflect")`` as one banded product.
 
     (B, C, h, w) -> (B, C, H+2r, W+2r). Bicubic resizing is separable and linear, so it is
-    ``A_h @ x @ A_w^T`` with the padding folded into the small matrices: ~3x faster forward and
-    backward than ``upsample_bicubic2d`` + ``reflection_pad2d`` on CPU for C=384.
+    ``A_h @ x @ A_w^T`` with the padding folded into the small matrices, each row 4 non-zeros:
+    :func:`~upfeat.ops.band_matmul` spends 4 multiply-adds per output and axis (dense matmuls
+    spent h and w).
     """
     (h, w), (H, W) = x.shape[-2:], size
-    ah, aw = _bicubic_matrix(h, H, r, x), _bicubic_matrix(w, W, r, x)
-    Hp, Wp = H + 2 * r, W + 2 * r
-    if h * w * Wp + Hp * h * Wp <= Hp * h * w + Hp * w * Wp:  # cheaper multiplication order
-        return ah @ (x @ aw.T)
-    return (ah @ x) @ aw.T
+    return band_matmul(x, _bicubic_matrix(h, H, r, x), _bicubic_matrix(w, W, r, x))
 
 
 class Conv1x1(nn.Conv2d):
@@ -145,10 +143,28 @@ class JBULayer(nn.Module):
             return w
         B, H, W, k, _ = w.shape
         taps = w.permute(0, 3, 4, 1, 2).reshape(B, k * k, H, W)  # free: w is tap-major
-        fix = self.kernel_fixup(torch.cat([taps, guidance.to(taps.dtype)], dim=1))
+        return self.fixup(taps, guidance).view(B, k, k, H, W).permute(0, 3, 4, 1, 2)
+
+    def fixup(self, taps: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """``taps + 0.1·fix`` (``fix`` centred over the taps for ``"zero_sum"``), (B, k*k, H, W).
+
+        ``fix = conv2(drop(gelu(conv1([taps, guidance]))))`` computed without the concatenation
+        (conv1 split by input) and with the centring, the 0.1 and the final add folded into
+        conv2's weights (``fix - mean_t fix = (W2 - mean_t W2)·h + (b2 - mean b2)``): two
+        matmuls and one bias pass over the full-resolution taps instead of seven passes.
+        """
+        c1, act, drop, c2 = self.kernel_fixup
+        B, k2, H, W = taps.shape
+        w1 = c1.weight.view(c1.out_channels, c1.in_channels)
+        x1 = w1[:, k2:] @ guidance.to(taps.dtype).reshape(B, -1, H * W) + c1.bias.view(-1, 1)
+        hid = drop(act(torch.baddbmm(x1, w1[:, :k2].expand(B, -1, -1), taps.reshape(B, k2, H * W))
+                       .view(B, -1, H, W)))
+        w2, b2 = c2.weight.view(c2.out_channels, c2.in_channels), c2.bias
         if self.fixup_mode == "zero_sum":
-            fix = fix - fix.mean(dim=1, keepdim=True)
-        return (taps + 0.1 * fix).view(B, k, k, H, W).permute(0, 3, 4, 1, 2)
+            w2, b2 = w2 - w2.mean(0, keepdim=True), b2 - b2.mean()
+        out = torch.baddbmm(taps.reshape(B, k2, H * W) + 0.1 * b2.view(-1, 1),
+                            (0.1 * w2).expand(B, -1, -1), hid.reshape(B, -1, H * W))
+        return out.view(B, k2, H, W)
 
     def forward(self, feats: torch.Tensor, guidance: torch.Tensor,
                 output_size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -217,7 +233,7 @@ class JBUStack(Upsampler):
             raise ValueError(f"last_step must be 'jbu' or 'resize', got {last_step!r}")
         self.last_step = last_step
         self.layers = nn.ModuleList(
-            JBULayer(dim if residual else None, 3, range_dim, radius, kernel_fixup, dropout, range_kernel, temperature, sigma)
+            JBULayer(None, 3, range_dim, radius, kernel_fixup, dropout, range_kernel, temperature, sigma)
             for _ in range(steps))
         self.residual = (nn.Sequential(nn.Dropout2d(residual_dropout), nn.Conv2d(dim, dim, 1))
                          if residual else None)
@@ -251,8 +267,19 @@ class JBUStack(Upsampler):
             other.load_state_dict(self.state_dict())
         return other.train(self.training)
 
+    @property
+    def channel_separable(self) -> bool:
+        """Whether ``forward(mix=...)`` applies ``mix`` at the features' resolution (see there)."""
+        return self.layers[0].fixup_mode != "featup" or self.residual is None
+
     def forward(self, feats: torch.Tensor, image: torch.Tensor,
-                output_size: tuple[int, int] | None = None) -> torch.Tensor:
+                output_size: tuple[int, int] | None = None,
+                mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Upsample; with ``mix`` (a per-pixel linear map of channels, e.g. training's random
+        projection C -> 30) return ``mix(upsampled)``. Every step after the residual applies one
+        spatial operator to each channel alike, so it commutes with ``mix``: when
+        :attr:`channel_separable`, ``mix`` runs on the low-res features and the steps upsample
+        its few channels instead of C (same result up to rounding, C/30 times less work)."""
         geo = self.geometry(feats, image, output_size)
         image = geo.pad_image(image).to(feats.dtype)
         # Every step maps each channel by the same spatial operator whose rows sum to 1 (unless
@@ -263,10 +290,13 @@ class JBUStack(Upsampler):
         (h, w), x = geo.feat, feats
         if early and self.residual is not None:
             x = x + 0.1 * self.residual(x)
+        if early and mix is not None:
+            x, mix = mix(x), None
         layers = self.layers[len(self.layers) - self.steps_for(self.stride):]
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1 and self.last_step == "jbu"
             size = geo.grid if last else (h << (i + 1), w << (i + 1))
             x = layer(x, resize_area(image, size), size)
         x = geo.crop(resize_area(x, geo.grid))  # resize: no-op unless last_step="resize"
-        return x if early else x + 0.1 * self.residual(x)
+        x = x if early else x + 0.1 * self.residual(x)
+        return x if mix is None else mix(x)

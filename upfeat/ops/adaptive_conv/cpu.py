@@ -12,12 +12,13 @@ import hashlib
 import logging
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
-_SRC = Path(__file__).with_name("csrc") / "adaptive_conv.cpp"
+_SRCS = [Path(__file__).with_name("csrc") / f for f in ("adaptive_conv.cpp", "band_matmul.cpp")]
 
 
 def _cpu_tag() -> str:
@@ -44,15 +45,25 @@ def load_extension():
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
-    src = _SRC.read_bytes()
-    key = hashlib.sha1(src + _cpu_tag().encode() + torch.__version__.encode()).hexdigest()[:12]
+    srcs = {p.name: p.read_bytes() for p in _SRCS}
+    key = hashlib.sha1(b"".join(srcs.values()) + _cpu_tag().encode()
+                       + torch.__version__.encode()).hexdigest()[:12]
+    # Compile a snapshot of exactly the bytes hashed: the build runs later and may take minutes;
+    # the files may change meanwhile (an edit, a checkout), which must not land under this key.
+    snap = Path(tempfile.gettempdir()) / f"upfeat_src_{key}"
+    snap.mkdir(exist_ok=True)
+    for name, data in srcs.items():
+        if not (snap / name).is_file() or (snap / name).read_bytes() != data:
+            tmp = snap / f".{name}.{os.getpid()}"
+            tmp.write_bytes(data)
+            tmp.replace(snap / name)  # atomic: concurrent builders see whole files
     # torch adds the -std it needs; native vector width (AVX-512 here) for the 64-byte tiles
     native = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
     flags = ["-O3", "-fopenmp", native]
     try:
         ext = cpp_extension.load(
             name=f"upfeat_adaptive_conv_{key}",
-            sources=[str(_SRC)],
+            sources=[str(snap / name) for name in srcs],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             verbose=os.environ.get("UPFEAT_VERBOSE_BUILD") == "1",
@@ -186,3 +197,28 @@ class Corr(torch.autograd.Function):
         ga = Fwd.apply(p, go, ctx.k, ctx.tap) if ctx.needs_input_grad[0] else None
         gp = Tr.apply(a, go, ctx.k, ctx.tap) if ctx.needs_input_grad[1] else None
         return ga, gp, None, None
+
+
+@torch.library.custom_op("upfeat::band_matmul", mutates_args=(), device_types="cpu")
+def _band(x: torch.Tensor, ah: torch.Tensor, aw: torch.Tensor) -> torch.Tensor:
+    return load_extension().band_matmul(x, ah, aw)
+
+
+@_band.register_fake
+def _(x, ah, aw):
+    return x.new_empty(x.shape[0], x.shape[1], ah.shape[0], aw.shape[0])
+
+
+class Band(torch.autograd.Function):
+    """``ah @ x @ aw^T`` per (b, c) for banded constant matrices; differentiable in ``x`` only
+    (the adjoint is the same op on the transposes, so to any order)."""
+
+    @staticmethod
+    def forward(ctx, x, ah, aw):
+        ctx.save_for_backward(ah, aw)
+        return _band(x, ah, aw)
+
+    @staticmethod
+    def backward(ctx, go):
+        ah, aw = ctx.saved_tensors
+        return Band.apply(go.contiguous(), ah.t().contiguous(), aw.t().contiguous()), None, None

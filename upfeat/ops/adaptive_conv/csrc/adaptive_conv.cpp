@@ -401,6 +401,30 @@ void check_inputs(const at::Tensor& x, const char* name) {
               " must be float32 or float64");
 }
 
+// Every size relation the kernels rely on: a mismatch would read or write out of bounds.
+void check_weights(const at::Tensor& w, int64_t k, bool tap_major, int64_t B, int64_t H, int64_t W) {
+  TORCH_CHECK(k >= 1 && k % 2 == 1, "k must be odd and positive, got ", k);
+  TORCH_CHECK(w.dim() == 4, "weights must be 4-D, got ", w.sizes());
+  const int64_t want[4] = {B, tap_major ? k * k : H, tap_major ? H : W, tap_major ? W : k * k};
+  for (int d = 0; d < 4; ++d)
+    TORCH_CHECK(w.size(d) == want[d], "weights of shape ", w.sizes(), " do not fit: expected (",
+                want[0], ", ", want[1], ", ", want[2], ", ", want[3], ")",
+                tap_major ? " (tap-major B,k*k,H,W)" : " (pixel-major B,H,W,k*k)");
+}
+
+void check_pair(const at::Tensor& x, const at::Tensor& y, const char* xn, const char* yn) {
+  TORCH_CHECK(x.dim() == 4 && y.dim() == 4, xn, " and ", yn, " must be 4-D, got ", x.sizes(),
+              " and ", y.sizes());
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), xn, " and ", yn, " must have the same dtype");
+}
+
+void check_padded(const at::Tensor& p, int64_t B, int64_t C, int64_t H, int64_t W, int64_t k,
+                  const char* name) {
+  TORCH_CHECK(p.size(0) == B && p.size(1) == C && p.size(2) == H + k - 1 && p.size(3) == W + k - 1,
+              name, " of shape ", p.sizes(), " does not fit: expected (", B, ", ", C, ", ",
+              H + k - 1, ", ", W + k - 1, ") for a ", H, "x", W, " output and k = ", k);
+}
+
 // (B,K2,H,W) -> (B,H,W,K2), the inverse of hwk_to_tap with ld = W.
 template <typename T>
 void tap_to_hwk(const T* src, T* dst, int B, int H, int W, int K2) {
@@ -418,14 +442,24 @@ void tap_to_hwk(const T* src, T* dst, int B, int H, int W, int K2) {
 
 }  // namespace
 
+// The output pool for the other source files of this extension (band_matmul.cpp).
+at::Tensor upfeat_pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  return pooled_empty(sizes, opt);
+}
+
+at::Tensor band_matmul(const at::Tensor& x, const at::Tensor& ah, const at::Tensor& aw);
+
 // Weights come tap-major (B,K2,H,W) or pixel-major (B,H,W,K2): `tap_major` says which; the
 // kernels work tap-major (contiguous along image rows) and convert the small weight tensor here.
 
 // feat (B,C,Hp,Wp), w -> (B,C,H,W)
 at::Tensor acv_fwd(const at::Tensor& feat, const at::Tensor& w, int64_t k, bool tap_major) {
   check_inputs(feat, "feat"); check_inputs(w, "weights");
+  check_pair(feat, w, "feat", "weights");
   const int B = feat.size(0), C = feat.size(1);
   const int H = tap_major ? w.size(2) : w.size(1), W = tap_major ? w.size(3) : w.size(2);
+  check_weights(w, k, tap_major, B, H, W);
+  check_padded(feat, B, C, H, W, k, "feat");
   auto out = pooled_empty({B, C, H, W}, feat.options());
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "acv_fwd", [&] {
     at::Tensor wt = w;
@@ -442,7 +476,9 @@ at::Tensor acv_fwd(const at::Tensor& feat, const at::Tensor& w, int64_t k, bool 
 // g (B,C,H,W), w -> (B,C,H+k-1,W+k-1)
 at::Tensor acv_tr(const at::Tensor& g, const at::Tensor& w, int64_t k, bool tap_major) {
   check_inputs(g, "grad"); check_inputs(w, "weights");
+  check_pair(g, w, "grad", "weights");
   const int B = g.size(0), C = g.size(1), H = g.size(2), W = g.size(3);
+  check_weights(w, k, tap_major, B, H, W);
   auto out = pooled_empty({B, C, H + k - 1, W + k - 1}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "acv_tr", [&] {
     tr_impl<scalar_t>(g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), tap_major,
@@ -454,7 +490,10 @@ at::Tensor acv_tr(const at::Tensor& g, const at::Tensor& w, int64_t k, bool tap_
 // a (B,C,H,W), p (B,C,H+k-1,W+k-1) -> (B,K2,H,W) if tap_major else (B,H,W,K2)
 at::Tensor acv_corr(const at::Tensor& a, const at::Tensor& p, int64_t k, bool tap_major) {
   check_inputs(a, "a"); check_inputs(p, "p");
+  check_pair(a, p, "a", "p");
+  TORCH_CHECK(k >= 1 && k % 2 == 1, "k must be odd and positive, got ", k);
   const int B = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3);
+  check_padded(p, B, C, H, W, k, "p");
   auto tm = pooled_empty({B, k * k, H, W}, a.options());
   at::Tensor out = tm;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "acv_corr", [&] {
@@ -475,4 +514,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &acv_fwd, "adaptive conv forward");
   m.def("tr", &acv_tr, "adjoint of the forward w.r.t. feat");
   m.def("corr", &acv_corr, "local correlation (adjoint w.r.t. weights)");
+  m.def("band_matmul", &band_matmul, "ah @ x @ aw^T for banded ah, aw (separable resize)");
 }
