@@ -68,10 +68,8 @@ def test_written_pages_leave_the_process(tmp_path):
     C, H, W = 96, 500, 1000
 
     def rss_file() -> int:  # file-backed resident pages of this process, bytes
-        for line in open("/proc/self/status"):
-            if line.startswith("RssFile:"):
-                return int(line.split()[1]) * 1024
-        raise KeyError("RssFile")
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("RssFile:"))
 
     before, block = [], torch.randn(C, 100, 200)
 

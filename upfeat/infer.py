@@ -183,14 +183,15 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
     from .tiling import upsample_tiled
     img, original = prepare(item.src, cfg.size, cfg.max_side)
     dtype = DTYPES[cfg.dtype][0]
-    mem = plan_memory(model, (img.height, img.width), budget, dtype, output_in_memory=False,
-                      tile=cfg.tile, base=resident_memory())
     item.out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(item.out.parent).free
-    if mem.output > free:
+    need = model.dim * img.height * img.width * dtype.itemsize
+    if need > free:
         raise OSError(f"the {model.dim}x{img.height}x{img.width} {cfg.dtype} output needs "
-                      f"{format_bytes(mem.output)} on disk, only {format_bytes(free)} free in "
+                      f"{format_bytes(need)} on disk, only {format_bytes(free)} free in "
                       f"{item.out.parent}; use --max-side, --size or --dtype float16")
+    mem = plan_memory(model, (img.height, img.width), budget, dtype, output_in_memory=False,
+                      tile=cfg.tile, base=resident_memory())
     if mem.is_tiled:
         note(mem.message(str(item.src)))
     x = to_tensor(img).to(device)

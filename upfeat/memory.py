@@ -26,9 +26,9 @@ features ``C * N * 4``:
   or, when it streams to a file (``upfeat upsample``), the pages of one written channel group
   (:data:`STREAM_BYTES`, :class:`upfeat.featfile.MappedFeatures`).
 
-Tiled runs checked with ``bench_memory.py --parts tiled`` (448-px upsampler tiles, backbone in
-one pass, output in memory): measured / estimated peak, MiB: JBU 896² 2244 / 2460, 672² 1751 /
-1938, 336x1008 1366 / 1477; bilinear 896² 1512 / 1782, 672² 992 / 1259, 336x1008 780 / 945.
+Whole ``upfeat upsample`` runs (peak RSS of the process, output streamed) are measured by
+``bench_memory.py --cli`` (``benchmarks/results/memory_cli.md``): 2000x1500 at 1 GB with
+bilinear peaked at 1.07 x the budget.
 """
 from __future__ import annotations
 
@@ -234,9 +234,9 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
 
     The backbone runs in one pass whenever that fits and has at most
     :data:`WHOLE_BACKBONE_TOKENS` tokens (it is the only stage whose features change when
-    tiled), else in tiles of at most :data:`BACKBONE_TILE_CELLS` cells; each stage otherwise gets the largest tile (a multiple of the stride,
-    at least twice its overlap) whose estimate fits. Raises ``MemoryError`` (one line) if even
-    the smallest tiles do not fit.
+    tiled), else in tiles of at most :data:`BACKBONE_TILE_CELLS` cells; each stage otherwise
+    gets the largest tile (a multiple of the stride, at least twice its overlap) whose estimate
+    fits. Raises ``MemoryError`` (one line) if even the smallest tiles do not fit.
     """
     (H, W), s, C = size, model.stride, model.dim
     output = C * H * W * torch.empty((), dtype=dtype).element_size()

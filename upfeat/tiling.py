@@ -27,6 +27,7 @@ backbone is tiled last.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -201,7 +202,7 @@ def owned_spans(length: int, origins: tuple[int, ...], tile: int) -> list[tuple[
     """
     ends = [min(o + tile, length) for o in origins]
     cuts = [0, *((origins[k + 1] + ends[k]) // 2 for k in range(len(origins) - 1)), length]
-    return list(zip(cuts[:-1], cuts[1:]))
+    return list(itertools.pairwise(cuts))
 
 
 Write = Callable[[torch.Tensor, int, int], None]  # write(block (B, C, h, w), y0, x0)
