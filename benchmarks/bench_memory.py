@@ -131,7 +131,8 @@ def cli_rows(specs: list[str]) -> None:
     (OUT / "memory_cli.md").write_text(
         "# `upfeat upsample` peak RSS vs --max-memory (float16 output, 2-core shared CPU)\n\n"
         + "\n".join(lines) + "\n\nMade by `python benchmarks/bench_memory.py --cli ...`; "
-        "errors and the tile plan of each run are in memory_cli.json.\n")
+        "errors and the tile plan of each run are in memory_cli.json.\n"
+        + "".join(f"\n- {r['size']} {r['upsampler']}: {r['note']}\n" for r in rows if r.get("note")))
 
 
 def main() -> None:
