@@ -68,6 +68,8 @@ def test_batches_are_deterministic_sharded_and_streamed(image_dir, tmp_path):
     assert list_files([image_dir], cache) == files
     with pytest.warns(UserWarning, match="notes.txt"):  # other --data: listed again
         assert len(list_files([image_dir, image_dir / "zzz.jpg"], cache, write=False)) == 8
+    with pytest.warns(UserWarning, match="notes.txt"):  # a fresh run never trusts a left-over list
+        assert len(list_files([image_dir], cache, reuse=False)) == 8
 
     data = TrainBatches(files, 64, batch_size=2, seed=1, crops=56)
     # the broken file is replaced by the next readable one, with a warning naming it

@@ -184,11 +184,13 @@ def test_early_residual_equals_featup_late_residual():
     torch.testing.assert_close(up(feats, img), x + 0.1 * up.residual(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fixup,residual", [("zero_sum", True), ("featup", True), ("zero_sum", False)])
-def test_mix_commutes_with_the_stack(fixup, residual):
+@pytest.mark.parametrize("fixup,residual,last_step", [
+    ("zero_sum", True, "jbu"), ("featup", True, "jbu"), ("zero_sum", False, "jbu"),
+    ("featup", False, "jbu"), ("zero_sum", True, "resize")])
+def test_mix_commutes_with_the_stack(fixup, residual, last_step):
     """forward(mix=M) == M(forward): training projects before upsampling (C/30 times cheaper)."""
     torch.manual_seed(0)
-    up = JBUStack(6, 14, kernel_fixup=fixup, residual=residual).double().eval()
+    up = JBUStack(6, 14, kernel_fixup=fixup, residual=residual, last_step=last_step).double().eval()
     feats, img = _inputs(6, 14, 60, 75)
     feats, img = feats.double(), img.double()
     m = torch.randn(6, 2, dtype=torch.float64)

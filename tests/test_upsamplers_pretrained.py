@@ -53,3 +53,9 @@ def test_importing_the_upsamplers_imports_no_backbone_and_no_model():
             "print(sorted(m for m in sys.modules if m.startswith(('upfeat.backbones', 'upfeat.model'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_legacy_name_resolves_like_its_tag():
+    """The pre-resolver name of the ViT's own JBU still names the same weights everywhere."""
+    from upfeat.upsamplers.pretrained import resolve_name
+    assert resolve_name("vits14_focus_jbu") == resolve_name("jbu_stack:vits14_focus")

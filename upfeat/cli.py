@@ -76,7 +76,7 @@ def upsample(
     out: Annotated[Path, typer.Option(help="Output folder: <relative path>.<format> per image.")],
     backbone: Annotated[str, typer.Option(help="Registered backbone name or timm:<name>.")] = "vits14_focus",
     backbone_args: Annotated[Optional[str], typer.Option(help="JSON keywords for the backbone, e.g. '{\"layers\": -2}'.")] = None,
-    upsampler: Annotated[str, typer.Option(help="jbu (the shipped <backbone>_jbu), nearest, bilinear, bicubic, upsample_anything (training-free, fitted per image), or a checkpoint path / run folder.")] = "jbu",
+    upsampler: Annotated[str, typer.Option(help="jbu (the shipped backbone-agnostic JBU; jbu:vits14_focus for the ViT's own), nearest, bilinear, bicubic, upsample_anything (training-free, fitted per image), or a checkpoint path / run folder.")] = "jbu",
     format: Annotated[str, typer.Option("--format", help="safetensors (tensor 'features' + metadata) or npy (+ a .json sidecar).")] = "safetensors",
     viz: Annotated[bool, typer.Option("--viz", help="Also write <name>.pca.png: image | low-res | upsampled (PCA).")] = False,
     size: Annotated[Optional[tuple[int, int]], typer.Option(help="Resize every image to H W first.", show_default=False)] = None,
@@ -157,7 +157,7 @@ def implicit(
     schedule: Annotated[str, typer.Option(help="fast (default) or reference (the authors' 3000 views, 1200 steps x 10 views).")] = "fast",
     steps: Annotated[Optional[int], typer.Option(help="Override the schedule's optimiser steps.", show_default=False)] = None,
     views: Annotated[Optional[int], typer.Option(help="Override the schedule's views per step.", show_default=False)] = None,
-    base: Annotated[Optional[str], typer.Option(help="Upsampler whose output the network corrects: none (the authors' network alone), bilinear, jbu (the shipped <backbone>_jbu, else bilinear), or an `upfeat train` checkpoint. Default: the schedule's (fast: jbu, reference: none).", show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option(help="Upsampler whose output the network corrects: none (the authors' network alone), bilinear, jbu (the shipped backbone-agnostic JBU, else bilinear), or an `upfeat train` checkpoint. Default: the schedule's (fast: jbu, reference: none).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the views, projections and initialisation.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:

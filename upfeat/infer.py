@@ -176,9 +176,10 @@ def sigterm_as_exit():
 
 
 def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int,
-            device: torch.device, note: Note, settings: str = "") -> None:
+            device: torch.device, note: Note, settings: str = "", base: int | None = None) -> None:
     """Compute and write the outputs of one image (``settings``: :func:`settings_of`); raises on
-    failure."""
+    failure. ``base``: bytes the process holds before any image (measured once per run, so the
+    tile plan, hence a tiled backbone's output, never depends on the images processed before)."""
     from .memory import format_bytes, plan_memory, resident_memory
     from .tiling import upsample_tiled
     img, original = prepare(item.src, cfg.size, cfg.max_side)
@@ -191,7 +192,7 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
                       f"{format_bytes(need)} on disk, only {format_bytes(free)} free in "
                       f"{item.out.parent}; use --max-side, --size or --dtype float16")
     mem = plan_memory(model, (img.height, img.width), budget, dtype, output_in_memory=False,
-                      tile=cfg.tile, base=resident_memory())
+                      tile=cfg.tile, base=resident_memory() if base is None else base)
     if mem.is_tiled:
         note(mem.message(str(item.src)))
     x = to_tensor(img).to(device)
@@ -268,7 +269,7 @@ def run(cfg: UpsampleConfig) -> Summary:
     image is processed; per-image failures are collected in :attr:`Summary.failed`.
     """
     from . import backbones
-    from .memory import format_bytes, parse_bytes
+    from .memory import format_bytes, parse_bytes, resident_memory
     from .model import create_model
     from .ops import empty_cache
 
@@ -314,6 +315,7 @@ def run(cfg: UpsampleConfig) -> Summary:
         else:
             tqdm.write(text if world == 1 else f"[rank {rank}] {text}")
 
+    base = resident_memory()  # once: every image is planned against the same baseline
     t0 = time.perf_counter()
     with sigterm_as_exit():
         for item in bar:
@@ -327,7 +329,7 @@ def run(cfg: UpsampleConfig) -> Summary:
             if reason not in (None, "missing"):
                 note(f"redoing {item.out}: {reason}")
             try:
-                process(model, item, cfg, budget, device, note, settings)
+                process(model, item, cfg, budget, device, note, settings, base)
                 summary.written += 1
             except Exception as e:  # noqa: BLE001  (any per-image failure: report, keep going)
                 summary.failed.append(_one_line(item, e))

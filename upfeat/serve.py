@@ -136,7 +136,7 @@ def launch(host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 20.
         app.queue(default_concurrency_limit=1).launch(
             server_name=host, server_port=port, share=share, inbrowser=open_browser,
             prevent_thread_lock=not block, quiet=quiet, max_file_size=int(max_upload_mb * MB),
-            allowed_paths=sorted({str(Path(p).resolve().parent) for p in examples}),
+            allowed_paths=sorted({str(Path(p).resolve()) for p in examples}),  # the files, not their folders
             ssr_mode=False, mcp_server=False, footer_links=[], show_error=True)
     except OSError as e:  # port taken, address not on this machine, no permission
         raise OSError(f"cannot listen on {host}:{port}: {' '.join(str(e).split())}") from None

@@ -39,14 +39,15 @@ def derive_seed(seed: int, stream: int, index: int, rank: int = 0) -> int:
 
 
 def list_files(paths: Sequence[str | Path], cache: str | Path | None = None,
-               write: bool = True) -> list[str]:
+               write: bool = True, reuse: bool = True) -> list[str]:
     """The image files under ``paths`` (:func:`~upfeat.io.find_images` order).
 
-    With ``cache`` (a JSON file): read from it when it was made for the same ``paths``, else
-    listed and (``write``) saved there. Raises ``ValueError`` when there are no image files.
+    With ``cache`` (a JSON file): read from it when ``reuse`` and it was made for the same
+    ``paths``, else listed and (``write``) saved there. Raises ``ValueError`` when there are no
+    image files.
     """
     roots = [str(p) for p in paths]
-    if cache is not None and Path(cache).is_file():
+    if reuse and cache is not None and Path(cache).is_file():
         try:
             saved = json.loads(Path(cache).read_text())
         except (OSError, ValueError):

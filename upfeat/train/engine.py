@@ -86,8 +86,9 @@ def fit(cfg: TrainConfig) -> Path:
             for name in cfg.backbones]
     backbone = nets[0]
     crops = [2 * scale_crop(cfg.image_size, b.stride) if scale else cfg.image_size for b in nets]
-    # the file list is cached in the run folder: a resumed run draws from the same list
-    files = list_files(cfg.data, out / FILE_LIST, write=rank == 0)
+    # the file list is cached in the run folder: a resumed run draws from the same list; a fresh
+    # run lists anew (a list left by a run killed before its first checkpoint may be stale)
+    files = list_files(cfg.data, out / FILE_LIST, write=rank == 0, reuse=meta is not None)
     data = TrainBatches(files, max(cfg.image_size, math.ceil(cfg.image_size * cfg.resize)),
                         cfg.batch_size, cfg.seed, crops, rank, world)
     del files  # the dataset keeps a compact copy (forked workers share it)

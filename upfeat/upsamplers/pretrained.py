@@ -66,6 +66,7 @@ def resolve_name(spec: str) -> Resolved:
     Raises ``ValueError`` (one line) for an unknown name or tag, and for a learned upsampler
     without shipped weights (saying to pass a checkpoint).
     """
+    spec = LEGACY.get(spec, spec) if isinstance(spec, str) else spec  # old names keep working
     name, _, tag = spec.partition(":") if isinstance(spec, str) else (spec, "", "")
     name = ALIASES.get(name, name)
     if name not in list_upsamplers():

@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
@@ -50,13 +49,18 @@ def load_extension():
                        + torch.__version__.encode()).hexdigest()[:12]
     # Compile a snapshot of exactly the bytes hashed: the build runs later and may take minutes;
     # the files may change meanwhile (an edit, a checkout), which must not land under this key.
-    snap = Path(tempfile.gettempdir()) / f"upfeat_src_{key}"
-    snap.mkdir(exist_ok=True)
-    for name, data in srcs.items():
-        if not (snap / name).is_file() or (snap / name).read_bytes() != data:
-            tmp = snap / f".{name}.{os.getpid()}"
-            tmp.write_bytes(data)
-            tmp.replace(snap / name)  # atomic: concurrent builders see whole files
+    # Per user (not a shared /tmp name another user could own or swap before the compile).
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    snap = cache / "upfeat" / f"src_{key}"
+    try:
+        snap.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name, data in srcs.items():
+            if not (snap / name).is_file() or (snap / name).read_bytes() != data:
+                tmp = snap / f".{name}.{os.getpid()}"
+                tmp.write_bytes(data)
+                tmp.replace(snap / name)  # atomic: concurrent builders see whole files
+    except OSError as e:
+        raise RuntimeError(f"could not write the upfeat C++ kernel sources to {snap}: {e}") from None
     # torch adds the -std it needs; native vector width (AVX-512 here) for the 64-byte tiles
     native = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
     flags = ["-O3", "-fopenmp", native]
