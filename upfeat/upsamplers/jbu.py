@@ -286,7 +286,7 @@ class JBUStack(Upsampler):
         # kernel_fixup="featup"), so it commutes with the 1x1 conv and maps constants to
         # themselves: x + 0.1 conv(x) is identical before or after upsampling, and ~h*w/(H*W)
         # times cheaper before (7.4 GMAC -> 0.04 for C=384 at 224 px). Channel dropout commutes too.
-        early = self.layers[0].fixup_mode != "featup" or self.residual is None
+        early = self.channel_separable
         (h, w), x = geo.feat, feats
         if early and self.residual is not None:
             x = x + 0.1 * self.residual(x)
