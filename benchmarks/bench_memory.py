@@ -1,12 +1,12 @@
-"""Peak memory of one untiled UpFeat forward, to calibrate :mod:`upfeat.memory`.
+"""Peak memory of one untiled UpFeat forward, to calibrate :mod:`upfeat.inference.memory`.
 
 Each (part, upsampler, size) runs in a fresh process: build vits14_focus + the upsampler
 (``jbu_stack`` randomly initialised, ``bilinear``), warm up on a 56x56 image, reset the Linux
 peak-RSS counter (/proc/self/clear_refs), then run under ``torch.inference_mode`` and record
 VmHWM - VmRSS before the call (so the result includes the output tensor but not the model or the
 input). ``part`` is ``backbone`` (low-res features only), ``upsampler`` (features given),
-``both``, or ``tiled`` (:func:`upfeat.tiling.upsample_tiled` with 448-px upsampler tiles, backbone
-in one pass, output in memory; compared with :func:`upfeat.memory.plan_memory`'s estimate). Sizes
+``both``, or ``tiled`` (:func:`upfeat.inference.tiled.upsample_tiled` with 448-px upsampler tiles, backbone
+in one pass, output in memory; compared with :func:`upfeat.inference.planning.plan_memory`'s estimate). Sizes
 are square; the extra non-square size checks the per-pixel scaling.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memory.py       # ~4 min on 1 core
@@ -53,9 +53,9 @@ def one(part: str, upsampler: str, h: int, w: int) -> dict:
     import torch
 
     import upfeat
-    from upfeat.memory import plan_memory
+    from upfeat.inference.planning import plan_memory
+    from upfeat.inference.tiled import upsample_tiled
     from upfeat.ops import empty_cache
-    from upfeat.tiling import upsample_tiled
     from upfeat.upsamplers import create_upsampler
 
     bb = upfeat.backbones.create("vits14_focus")
@@ -87,7 +87,7 @@ def cli_row(spec: str) -> dict:
     """Run ``upfeat upsample`` for ``HxW:BUDGET:UPSAMPLER`` (float16 output) and measure it."""
     from PIL import Image
 
-    from upfeat.memory import parse_bytes
+    from upfeat.inference.memory import parse_bytes
     size, budget, up = spec.split(":")
     h, w = map(int, size.split("x"))
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:

@@ -18,7 +18,7 @@ import torch
 
 import upfeat
 from upfeat.io import to_tensor
-from upfeat.jobs import prepare
+from upfeat.inference.jobs import prepare
 from upfeat.upsamplers import create_upsampler
 from upfeat.upsamplers.implicit import fit_implicit
 from upfeat.viz import pca_panels, save_grid

@@ -106,7 +106,7 @@ def test_missing_wheel_one_line(name: str, tmp_path: Path, monkeypatch: pytest.M
     assert isinstance(err.value, bb.OfflineError) and isinstance(err.value, ImportError)
     assert "\n" not in str(err.value)
 
-    from upfeat.cli import app
+    from upfeat.apps.cli import app
 
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")

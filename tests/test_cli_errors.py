@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 from upfeat._checks import ShapeError, UpfeatError
 from upfeat.backbones import MissingWheelError, OfflineError
 from upfeat.checkpoint import CheckpointError
-from upfeat.cli import app
-from upfeat.demo import DemoError
+from upfeat.apps.cli import app
+from upfeat.apps.web_demo import DemoError
 from upfeat.eval.features import UpsamplerUnavailable
 from upfeat.io import ImageReadError
 
@@ -45,7 +45,7 @@ def test_upfeat_debug_shows_the_exception(tmp_path, monkeypatch):
 def test_minor_reproductions():
     """Issue 15, minor: load("") never reads the current directory; --max-memory 150% refused."""
     import upfeat
-    from upfeat.memory import parse_bytes
+    from upfeat.inference.memory import parse_bytes
     with pytest.raises(CheckpointError, match="empty checkpoint name"):
         upfeat.load("")
     with pytest.raises(ValueError, match="at most 100%"):

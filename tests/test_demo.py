@@ -14,10 +14,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import upfeat.model
-from upfeat import figure
-from upfeat.cli import app
+from upfeat.apps import demo_figure as figure
+from upfeat.apps.cli import app
 from upfeat.io import to_tensor
-from upfeat.jobs import prepare
+from upfeat.inference.jobs import prepare
 from upfeat.upsamplers import create_upsampler
 from upfeat.viz import fit_pca, pca_rgb
 
@@ -41,7 +41,7 @@ def photos(data_dir, tmp_path):
 
 
 def test_default_photos_are_the_shared_samples_or_the_env_var(data_dir, tmp_path, monkeypatch):
-    from upfeat._samples import SAMPLES_ENV, default_samples
+    from upfeat.apps._samples import SAMPLES_ENV, default_samples
     monkeypatch.delenv(SAMPLES_ENV, raising=False)
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # a clone's root, ../shared beside it
     assert default_samples().resolve() == (data_dir / "samples").resolve()

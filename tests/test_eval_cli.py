@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from upfeat.checkpoint import save_checkpoint
 from upfeat.eval import report
-from upfeat.eval.cli import eval_app
+from upfeat.apps.eval_cli import eval_app
 from upfeat.upsamplers import create_upsampler
 
 from ._utils import save_untrained_model, skip_without_focus
@@ -107,7 +107,7 @@ def test_depth_folder_end_to_end(focus_ok, tmp_path):
 
 
 def test_mounted_as_upfeat_eval():
-    from upfeat.cli import app
+    from upfeat.apps.cli import app
 
     r = CliRunner().invoke(app, ["eval", "probe", "--help"])
     assert r.exit_code == 0 and "--upsampler" in r.output and "resize_conv=" in r.output

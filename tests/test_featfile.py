@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from upfeat.featfile import read_features, write_features
+from upfeat.inference.featfile import read_features, write_features
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "npy"])

@@ -15,7 +15,7 @@ import upfeat
 import upfeat.model
 from upfeat.backbones import wrap
 from upfeat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from upfeat.cli import app
+from upfeat.apps.cli import app
 from upfeat.upsamplers import create_upsampler
 from upfeat.upsamplers.implicit import (REFERENCE, ImplicitFeatures, fit_implicit, get_schedule)
 from upfeat.upsamplers.implicit.encoding import pixel_centres

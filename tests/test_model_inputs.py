@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 import upfeat
-from upfeat.memory import plan_memory
+from upfeat.inference.planning import plan_memory
 from upfeat.upsamplers import create_upsampler
 
 

@@ -1,4 +1,4 @@
-"""``upfeat serve``: the demo logic (:class:`upfeat.demo.Demo`, no UI) and the Gradio page in
+"""``upfeat serve``: the demo logic (:class:`upfeat.apps.web_demo.Demo`, no UI) and the Gradio page in
 headless Chromium.
 
 The browser part needs Gradio (the ``demo`` extra), Selenium and Debian's ``chromium`` +
@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from upfeat.cli import app
-from upfeat.demo import Demo, DemoError, DemoSettings, upsampler_choices
+from upfeat.apps.cli import app
+from upfeat.apps.web_demo import Demo, DemoError, DemoSettings, upsampler_choices
 
 SIDE, LIMIT_MB = 320, 1
 ASTRONAUT, BIRD = "samples/skimage/astronaut.jpg", "samples/featup/bird_full.jpg"  # 512², 1024x512
@@ -121,7 +121,7 @@ def test_cli_serve_errors(monkeypatch):
 def server(focus_ok, data_dir):
     """The app on a free port of 127.0.0.1, in this process (no share link, no analytics)."""
     pytest.importorskip("gradio", reason='Gradio is not installed (pip install -e ".[demo]")')
-    from upfeat.serve import launch
+    from upfeat.apps.serve import launch
 
     demo = Demo(DemoSettings(max_side=SIDE), backbones=["vits14_focus"])
     gr_app, url = launch(port=0, max_upload_mb=LIMIT_MB, examples=[data_dir / ASTRONAUT],

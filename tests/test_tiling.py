@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import upfeat
-from upfeat.memory import format_bytes, forward_bytes, parse_bytes, plan_memory
-from upfeat.tiling import axis_weights, default_overlap, plan_tiles, upsample_tiled
+from upfeat.inference.memory import format_bytes, forward_bytes, parse_bytes
+from upfeat.inference.planning import default_overlap, plan_memory, plan_tiles
+from upfeat.inference.tiled import axis_weights, upsample_tiled
 from upfeat.upsamplers import create_upsampler
 
 

@@ -338,7 +338,7 @@ def test_train_options_are_generated_from_the_config(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import upfeat.train
-    from upfeat.cli import app
+    from upfeat.apps.cli import app
     seen = []
     monkeypatch.setattr(upfeat.train, "fit", lambda cfg: seen.append(cfg) or tmp_path / "m")
     r = CliRunner().invoke(app, ["train", "--data", "a", "--data", "b", "--out", str(tmp_path / "r"),

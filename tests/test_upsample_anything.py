@@ -128,9 +128,9 @@ def test_config_round_trip_and_bad_options():
 
 def test_create_model_cli_and_eval_spec(tmp_path, monkeypatch):
     skip_without_focus()
-    from upfeat.cli import app
+    from upfeat.apps.cli import app
     from upfeat.eval.features import parse_spec
-    from upfeat.featfile import read_features
+    from upfeat.inference.featfile import read_features
 
     model = upfeat.create_model("vits14_focus", "upsample_anything")
     assert isinstance(model.upsampler, UpsampleAnything)

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 import upfeat
-from upfeat.cli import app
-from upfeat.featfile import read_features
+from upfeat.apps.cli import app
+from upfeat.inference.featfile import read_features
 
 FAST = ["--upsampler", "bilinear", "--no-progress"]
 
@@ -143,7 +143,7 @@ def test_folder_of_odd_and_broken_images(tmp_path):
 def test_output_names_do_not_depend_on_siblings(tmp_path):
     """Issue 15: ``a.png`` is always ``OUT/a.<format>``; a second input with the same name
     (``a.jpg`` beside it) is a clash, reported before anything runs."""
-    from upfeat.jobs import list_items
+    from upfeat.inference.jobs import list_items
     Image.new("RGB", (20, 20), "red").save(tmp_path / "a.png")
     (tmp_path / "sub").mkdir()
     Image.new("RGB", (20, 20), "red").save(tmp_path / "sub" / "b.png")
@@ -251,8 +251,8 @@ def test_output_larger_than_the_free_disk_fails_before_computing(tmp_path, monke
     the free space before anything is computed or written (in process; free space mocked)."""
     import shutil
 
-    from upfeat import infer
-    from upfeat.jobs import list_items
+    from upfeat.inference import batch as infer
+    from upfeat.inference.jobs import list_items
     from upfeat.upsamplers import create_upsampler
 
     Image.new("RGB", (10000, 10000), (40, 120, 200)).save(tmp_path / "huge.png", compress_level=1)
@@ -314,7 +314,7 @@ def test_stale_temp_files_are_removed_and_sigterm_cleans_up(tmp_path, monkeypatc
     # SIGTERM during a write: SystemExit(143), the temporary file is removed
     code = ("import os, signal, pathlib\n"
             "from upfeat.checkpoint import atomic_write\n"
-            "from upfeat.infer import sigterm_as_exit\n"
+            "from upfeat.inference.batch import sigterm_as_exit\n"
             "def write(tmp):\n"
             "    tmp.write_bytes(b'x' * 1000)\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"

@@ -1,5 +1,5 @@
 """``python -m upfeat``: the command line."""
-from .cli import main
+from .apps.cli import main
 
 if __name__ == "__main__":
     main()

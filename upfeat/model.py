@@ -84,17 +84,18 @@ class UpFeat(nn.Module):
     def upsample(self, img: torch.Tensor | ImageLike, max_memory: int | str = "4GB",
                  tile: int | None = None) -> torch.Tensor:
         """Inference on any image size: ``(B, dim, H, W)`` float32, tiled when one pass would need
-        more than ``max_memory`` (bytes or ``'4GB'``; see :mod:`upfeat.memory`) or when ``tile``
-        (upsampler tile side in pixels, a multiple of the stride) is given. The backbone still
-        runs in one pass when that fits; see :mod:`upfeat.tiling`.
+        more than ``max_memory`` (bytes or ``'4GB'``; see :mod:`upfeat.inference.planning`) or
+        when ``tile`` (upsampler tile side in pixels, a multiple of the stride) is given. The
+        backbone still runs in one pass when that fits; see :mod:`upfeat.inference.tiled`.
 
         Example:
             >>> up = create_model("vits14_focus", "bilinear")             # doctest: +SKIP
             >>> up.upsample(Image.open("photo.jpg"), max_memory="1GB").shape  # doctest: +SKIP
             torch.Size([1, 384, 480, 640])
         """
-        from .memory import parse_bytes, plan_memory
-        from .tiling import upsample_tiled
+        from .inference.memory import parse_bytes
+        from .inference.planning import plan_memory
+        from .inference.tiled import upsample_tiled
         x = self.as_input(img)
         budget = parse_bytes(max_memory, "max_memory")
         mem = plan_memory(self, tuple(x.shape[-2:]), budget, tile=tile)

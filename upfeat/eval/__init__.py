@@ -13,7 +13,7 @@ Modules (one job each):
 - :mod:`~upfeat.eval.cam`: CAM faithfulness with a class-presence classifier.
 - :mod:`~upfeat.eval.report`: Markdown / JSON tables, bar chart, qualitative figure.
 - :mod:`~upfeat.eval.suite`: run a list of specs end to end (used by the CLI and benchmarks).
-- :mod:`~upfeat.eval.cli`: the ``eval_app`` typer app (``upfeat eval probe|cam``).
+- :mod:`~upfeat.apps.eval_cli`: the ``eval_app`` typer app (``upfeat eval probe|cam``).
 
 Example:
     >>> from upfeat.eval import probe_suite  # doctest: +SKIP

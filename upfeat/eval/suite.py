@@ -166,7 +166,7 @@ def probe_suite(data: str | os.PathLike[str], upsamplers: Specs, task: str | Non
     ``backbone``: a name, a Backbone, or a :class:`CachedBackbone` to share its feature cache.
     ``size``: evaluation (H, W); ``None``: 224 high, aspect-preserving width (:func:`auto_size`).
     ``max_train`` / ``max_eval``: use that many evenly spaced images (``None``: all).
-    Other arguments: see :class:`~upfeat.eval.probe.ProbeConfig` and :mod:`upfeat.eval.cli`.
+    Other arguments: see :class:`~upfeat.eval.probe.ProbeConfig` and :mod:`upfeat.apps.eval_cli`.
 
     Returns ``{"rows": [ProbeResult dicts], "notes", "meta", "paths"}``.
     """

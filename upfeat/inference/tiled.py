@@ -1,6 +1,6 @@
 """Tiled inference: full-resolution features of images too large for one pass.
 
-Two stages, each tiled only when needed (:func:`upfeat.memory.plan_memory` decides):
+Two stages, each tiled only when needed (:func:`upfeat.inference.planning.plan_memory` decides):
 
 1. Backbone: one pass over the whole image when it fits (its activations are ~30x smaller than
    the full-resolution output), else overlapping tiles blended at cell level.
@@ -27,112 +27,15 @@ backbone is tiled last.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
-from .backbones.base import check_image
+from .._checks import check_image
+from .planning import TilePlan, owned_spans
 
-__all__ = ["BACKBONE_OVERLAP_CELLS", "TilePlan", "default_overlap", "lowres_tiled", "owned_spans",
-           "plan_tiles",
-           "upsample_tiled"]
-
-# Upsampler overlap in feature cells: each tile keeps half of it as context, which must cover
-# the reach of the upsampler (nearest: 0 cells, bilinear: 1, bicubic: 2, JBU stack: ~4 before
-# its influence is < 1e-6) plus that of the backbone (0 for a patchify layer, 1 for a 3x3 conv
-# after it, ...).
-_OVERLAP_CELLS = {"nearest": 2, "bilinear": 4, "bicubic": 4, "resize_conv": 4}
-_OVERLAP_CELLS_LEARNED = 8
-BACKBONE_OVERLAP_CELLS = 8
-"""Overlap of backbone tiles, in cells (only used when the backbone itself must be tiled)."""
-
-
-def default_overlap(upsampler_name: str, stride: int) -> int:
-    """Default upsampler tile overlap in pixels: 2 cells for nearest, 4 for
-    bilinear/bicubic/resize_conv, 8 for the JBU stack (and any other upsampler)."""
-    return _OVERLAP_CELLS.get(upsampler_name, _OVERLAP_CELLS_LEARNED) * stride
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """Where the tiles of an ``H x W`` image go.
-
-    Attributes:
-        size: ``(H, W)`` of the image.  stride: backbone stride ``s``.
-        tile: tile side in pixels (multiple of ``s``); tiles clipped by the image are smaller.
-        overlap: minimum overlap of neighbouring tiles in pixels (multiple of ``s``).
-        margin: backbone tiles: pixels next to an inner tile edge with weight 0
-            (``overlap / 4``); the weight reaches 1 at ``2 * margin``.
-        ys, xs: tile origins (multiples of ``s``, increasing); tiles are ``ys x xs``.
-    """
-
-    size: tuple[int, int]
-    stride: int
-    tile: int
-    overlap: int
-    margin: float
-    ys: tuple[int, ...]
-    xs: tuple[int, ...]
-
-    @property
-    def n_tiles(self) -> int:
-        return len(self.ys) * len(self.xs)
-
-    @property
-    def tiled(self) -> bool:
-        """Whether there is more than one tile."""
-        return self.n_tiles > 1
-
-    def windows(self) -> Iterator[tuple[int, int, int, int]]:
-        """``(y0, y1, x0, x1)`` of each tile in raster order, clipped to the image."""
-        (H, W), t = self.size, self.tile
-        for y in self.ys:
-            for x in self.xs:
-                yield y, min(y + t, H), x, min(x + t, W)
-
-
-def _axis_origins(length: int, tile: int, overlap: int, stride: int) -> tuple[int, ...]:
-    """Fewest stride-aligned origins such that neighbours overlap by >= ``overlap`` and the last
-    tile ends at the padded length; spread evenly (steps differ by at most one cell)."""
-    padded = -(-length // stride) * stride
-    if padded <= tile:
-        return (0,)
-    n = -(-(padded - overlap) // (tile - overlap))
-    cells = (padded - tile) // stride
-    return tuple(sorted({stride * ((2 * k * cells + n - 1) // (2 * (n - 1))) for k in range(n)}))
-
-
-def plan_tiles(size: tuple[int, int], stride: int, tile: int, overlap: int,
-               margin: float | None = None) -> TilePlan:
-    """Tiles of side ``tile`` over an image of ``size = (H, W)``.
-
-    Neighbouring tiles overlap by at least ``overlap`` pixels; the fewest tiles that allow it
-    are spread evenly, so some overlaps are up to one cell larger. ``tile >= 2 * overlap``.
-
-    Example:
-        >>> p = plan_tiles((500, 300), stride=14, tile=224, overlap=56)
-        >>> p.ys, p.xs, p.n_tiles
-        ((0, 140, 280), (0, 84), 6)
-    """
-    H, W = size
-    for name, v in (("H", H), ("W", W), ("stride", stride), ("tile", tile)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if tile % stride:
-        raise ValueError(f"tile={tile} px must be a multiple of the backbone stride {stride}")
-    if not isinstance(overlap, int) or overlap < 0 or overlap % stride:
-        raise ValueError(f"overlap={overlap!r} px must be a non-negative multiple of the stride "
-                         f"{stride}")
-    if tile < 2 * overlap:
-        raise ValueError(f"tile={tile} px must be at least 2 x overlap ({2 * overlap} px)")
-    margin = overlap / 4 if margin is None else float(margin)
-    if not 0 <= margin <= overlap / 4:
-        raise ValueError(f"margin={margin} px must be in [0, overlap/4 = {overlap / 4}]")
-    return TilePlan((H, W), stride, tile, overlap, margin, _axis_origins(H, tile, overlap, stride),
-                    _axis_origins(W, tile, overlap, stride))
+__all__ = ["axis_weights", "lowres_tiled", "upsample_tiled"]
 
 
 def _ramp(d: torch.Tensor, margin: float) -> torch.Tensor:
@@ -192,18 +95,6 @@ def _indices(plan: TilePlan) -> Iterator[tuple[int, int]]:
     return ((i, j) for i in range(len(plan.ys)) for j in range(len(plan.xs)))
 
 
-def owned_spans(length: int, origins: tuple[int, ...], tile: int) -> list[tuple[int, int]]:
-    """``[(start, end), ...]`` of the pixels each tile writes along one axis: neighbours split
-    their overlap in the middle, so the spans partition ``[0, length)``.
-
-    Example:
-        >>> owned_spans(500, (0, 140, 280), 224)
-        [(0, 182), (182, 322), (322, 500)]
-    """
-    ends = [min(o + tile, length) for o in origins]
-    cuts = [0, *((origins[k + 1] + ends[k]) // 2 for k in range(len(origins) - 1)), length]
-    return list(itertools.pairwise(cuts))
-
 
 Write = Callable[[torch.Tensor, int, int], None]  # write(block (B, C, h, w), y0, x0)
 
@@ -231,7 +122,7 @@ def upsample_tiled(model: torch.nn.Module, img: torch.Tensor, plan: TilePlan,
             element is written once, so it need not be zeroed.
         progress: called as ``progress(done, total)`` after each tile of either stage.
         write: instead of ``out``, called as ``write(block, y0, x0)`` with each tile's owned
-            ``(B, dim, h, w)`` float32 block (e.g. :meth:`upfeat.featfile.MappedFeatures.write`
+            ``(B, dim, h, w)`` float32 block (e.g. :meth:`upfeat.inference.featfile.MappedFeatures.write`
             streaming to a file); the blocks partition the image. ``out`` is then ``None``.
 
     Returns:

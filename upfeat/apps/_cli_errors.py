@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
-from ._checks import UpfeatError
+from .._checks import UpfeatError
 
 USER_ERRORS = (UpfeatError, OSError, ImportError, ValueError, TypeError, OverflowError)
 F = TypeVar("F", bound=Callable)

@@ -3,12 +3,12 @@
 Behaviour (see :func:`run`):
 
 - Inputs: files and folders (searched recursively); ``SRC_ROOT/a/b.jpg`` -> ``OUT/a/b.<format>``
-  (details and clashes: :mod:`upfeat.jobs`).
+  (details and clashes: :mod:`upfeat.inference.jobs`).
 - Any size: ``--size H W`` / ``--max-side N`` resize the image first; the memory of each image is
-  estimated (:mod:`upfeat.memory`) and it is tiled (:mod:`upfeat.tiling`) when one pass would
+  estimated (:mod:`upfeat.inference.memory`) and it is tiled (:mod:`upfeat.inference.tiled`) when one pass would
   exceed ``--max-memory``, the budget of the whole process (what it holds before the image,
   torch and the model, is measured and counted). Tiles stream to disk as they are computed
-  (:class:`upfeat.featfile.MappedFeatures`), so outputs may exceed RAM and never count against
+  (:class:`upfeat.inference.featfile.MappedFeatures`), so outputs may exceed RAM and never count against
   the budget.
 - Re-runs skip an image only when its outputs are complete, readable and made with the same
   settings (backbone, upsampler and its weights, size, dtype, format, upfeat version: stored in
@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from .. import __version__
+from ..io import ImageReadError, to_tensor
 from .featfile import DTYPES, FORMATS, MappedFeatures, write_features
-from .io import ImageReadError, to_tensor
 from .jobs import Item, list_items, prepare
 
 __all__ = ["Summary", "UpsampleConfig", "process", "run"]
@@ -140,7 +140,7 @@ class Summary:
 def settings_of(cfg: UpsampleConfig, model: torch.nn.Module) -> str:
     """JSON of everything that shapes an output file's content: stored in it, and compared by
     re-runs, which skip a file only when it matches (and the file is complete)."""
-    from .checkpoint import weights_fingerprint
+    from ..checkpoint import weights_fingerprint
     return json.dumps({"backbone": cfg.backbone, "backbone_kwargs": cfg.backbone_kwargs,
                        "upsampler": cfg.upsampler, "weights": weights_fingerprint(model.upsampler),
                        "size": list(cfg.size) if cfg.size else None, "max_side": cfg.max_side,
@@ -150,7 +150,7 @@ def settings_of(cfg: UpsampleConfig, model: torch.nn.Module) -> str:
 
 def remove_stale_temps(item: Item) -> int:
     """Delete the temporary files that killed runs left for ``item``'s outputs; how many."""
-    from .checkpoint import stale_temps
+    from ..checkpoint import stale_temps
     paths = [item.out, item.out.with_suffix(".json"), *([item.png] if item.png else [])]
     stale = [t for p in paths for t in stale_temps(p)]
     for t in stale:
@@ -180,8 +180,9 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
     """Compute and write the outputs of one image (``settings``: :func:`settings_of`); raises on
     failure. ``base``: bytes the process holds before any image (measured once per run, so the
     tile plan, hence a tiled backbone's output, never depends on the images processed before)."""
-    from .memory import format_bytes, plan_memory, resident_memory
-    from .tiling import upsample_tiled
+    from .memory import format_bytes, resident_memory
+    from .planning import plan_memory
+    from .tiled import upsample_tiled
     img, original = prepare(item.src, cfg.size, cfg.max_side)
     dtype = DTYPES[cfg.dtype][0]
     item.out.parent.mkdir(parents=True, exist_ok=True)
@@ -225,8 +226,8 @@ def save_viz(path: Path, img: torch.Tensor, lowres: torch.Tensor, feats: torch.T
              stride: int, max_side: int = 1024) -> None:
     """PNG ``image | low-res PCA | upsampled PCA`` side by side (PCA basis fitted on the low-res
     features), written atomically; maps over ``max_side`` are subsampled. Shapes ``(3|C, H, W)``."""
-    from .checkpoint import atomic_write
-    from .viz import pca_panels, save_row
+    from ..checkpoint import atomic_write
+    from ..viz import pca_panels, save_row
     step = max(1, -(-max(feats.shape[-2:]) // max_side))
     panels = pca_panels(img, lowres, [feats], stride, step=step)
     atomic_write(path, lambda tmp: save_row(panels, tmp))
@@ -268,10 +269,10 @@ def run(cfg: UpsampleConfig) -> Summary:
     Setup problems (missing input, unknown backbone or upsampler, bad option) raise before any
     image is processed; per-image failures are collected in :attr:`Summary.failed`.
     """
-    from . import backbones
+    from .. import backbones
     from .memory import format_bytes, parse_bytes, resident_memory
-    from .model import create_model
-    from .ops import empty_cache
+    from ..model import create_model
+    from ..ops import empty_cache
 
     budget = parse_bytes(cfg.max_memory)
     with warnings.catch_warnings(record=True) as caught:

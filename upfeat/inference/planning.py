@@ -1,150 +1,150 @@
-"""How much memory an upsampling run needs, and the tile size that keeps it under a budget.
+"""Where the tiles go: the one place an image's run is planned.
 
-Estimates are in bytes, for float32 compute, on top of the process itself and the model weights
-(~0.8 GB resident for vits14_focus + JBU, 0.5 GB of it torch alone; ``upfeat upsample`` measures
-it, :func:`resident_memory`, and plans the rest of its budget: ``base`` of :func:`plan_memory`). Measured on this project's 2-core CPU machine with
-``benchmarks/bench_memory.py`` (peak resident memory of one forward in a fresh process,
-``benchmarks/results/memory.json``) and rounded up; they hold within ~10 % for ViT-S/14 +
-bilinear / JBU from 224² to 896², and are rough for other backbones. For an ``H x W`` image with
-``px = Hp * Wp`` pixels padded to the stride ``s``, ``N = px / s²`` tokens and ``C = dim``:
+:func:`plan_memory` estimates one image's run (:mod:`upfeat.inference.memory`) and, when it would
+exceed the budget, picks tiles for each of the two stages (:mod:`upfeat.inference.tiled` runs
+them): the largest tiles whose estimate fits, as a :class:`MemoryPlan` holding two
+:class:`TilePlan` s. :func:`plan_tiles` places the tiles of one stage; :func:`owned_spans` says
+which pixels each upsampler tile writes.
 
-- backbone:   ``26 * N * C * 4`` (ViT-S/14 measured 20.5-25.4; attention is fused, so linear in N)
-- upsampler:  nearest / bilinear / bicubic ``C * 4 * px`` (the output, measured exactly);
-  JBU stack and other learned ones ``(2.2 * C * 4 + 1200) * px + 96 MiB`` (fitted
-  ``(2.07 * C * 4 + 1130) * px + ~90 MiB`` from one-off runs of the same measurement at 448²
-  and 896² for C = 16, 64, 384; the C = 384 rows are in memory.json)
-- one forward: ``max(backbone, upsampler) + C * N * 4`` (the low-res features stay alive)
-- image: ``15 * H * W`` (8-bit RGB + float32 tensor)
-
-Untiled run = image + forward(H, W) (+ output, if kept in memory in another dtype). Tiled run =
-the larger of its two stages (:mod:`upfeat.tiling`), both holding the image and the low-res
-features ``C * N * 4``:
+Tiled run = the larger of its two stages, both holding the image and the low-res features
+``C * N * 4``:
 
 - stage 1: + backbone on the whole image, or on one backbone tile if that does not fit;
 - stage 2: + upsampler on one tile of ``T x T`` px (its result included; the tile's owned part
   goes straight to the output), + the output if it is held in memory (``C * H * W * itemsize``)
   or, when it streams to a file (``upfeat upsample``), the pages of one written channel group
-  (:data:`STREAM_BYTES`, :class:`upfeat.featfile.MappedFeatures`).
-
-Whole ``upfeat upsample`` runs (peak RSS of the process, output streamed) are measured by
-``bench_memory.py --cli`` (``benchmarks/results/memory_cli.md``): 2000x1500 at 1 GB with
-bilinear peaked at 1.07 x the budget.
+  (:data:`~upfeat.inference.memory.STREAM_BYTES`,
+  :class:`upfeat.inference.featfile.MappedFeatures`).
 """
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .tiling import BACKBONE_OVERLAP_CELLS, TilePlan, default_overlap, plan_tiles
+from .memory import (IMAGE_BYTES_PER_PX, STREAM_BYTES, backbone_bytes, format_bytes, forward_bytes,
+                     grid_size, upsampler_bytes)
 
-__all__ = ["MemoryPlan", "available_memory", "backbone_bytes", "format_bytes", "forward_bytes",
-           "parse_bytes", "plan_memory", "resident_memory", "upsampler_bytes"]
+__all__ = ["BACKBONE_OVERLAP_CELLS", "MemoryPlan", "TilePlan", "default_overlap", "owned_spans",
+           "plan_memory", "plan_tiles"]
 
-MiB = 2**20
-K_BACKBONE = 26.0
-_INTERP = ("nearest", "bilinear", "bicubic")
-K_LEARNED, PER_PX_LEARNED, CONST_LEARNED = 2.2, 1200, 96 * MiB
-IMAGE_BYTES_PER_PX = 15
+# Upsampler overlap in feature cells: each tile keeps half of it as context, which must cover
+# the reach of the upsampler (nearest: 0 cells, bilinear: 1, bicubic: 2, JBU stack: ~4 before
+# its influence is < 1e-6) plus that of the backbone (0 for a patchify layer, 1 for a 3x3 conv
+# after it, ...).
+_OVERLAP_CELLS = {"nearest": 2, "bilinear": 4, "bicubic": 4, "resize_conv": 4}
+_OVERLAP_CELLS_LEARNED = 8
+BACKBONE_OVERLAP_CELLS = 8
+"""Overlap of backbone tiles, in cells (only used when the backbone itself must be tiled)."""
+
+
+def default_overlap(upsampler_name: str, stride: int) -> int:
+    """Default upsampler tile overlap in pixels: 2 cells for nearest, 4 for
+    bilinear/bicubic/resize_conv, 8 for the JBU stack (and any other upsampler)."""
+    return _OVERLAP_CELLS.get(upsampler_name, _OVERLAP_CELLS_LEARNED) * stride
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the tiles of an ``H x W`` image go.
+
+    Attributes:
+        size: ``(H, W)`` of the image.  stride: backbone stride ``s``.
+        tile: tile side in pixels (multiple of ``s``); tiles clipped by the image are smaller.
+        overlap: minimum overlap of neighbouring tiles in pixels (multiple of ``s``).
+        margin: backbone tiles: pixels next to an inner tile edge with weight 0
+            (``overlap / 4``); the weight reaches 1 at ``2 * margin``.
+        ys, xs: tile origins (multiples of ``s``, increasing); tiles are ``ys x xs``.
+    """
+
+    size: tuple[int, int]
+    stride: int
+    tile: int
+    overlap: int
+    margin: float
+    ys: tuple[int, ...]
+    xs: tuple[int, ...]
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    @property
+    def tiled(self) -> bool:
+        """Whether there is more than one tile."""
+        return self.n_tiles > 1
+
+    def windows(self) -> Iterator[tuple[int, int, int, int]]:
+        """``(y0, y1, x0, x1)`` of each tile in raster order, clipped to the image."""
+        (H, W), t = self.size, self.tile
+        for y in self.ys:
+            for x in self.xs:
+                yield y, min(y + t, H), x, min(x + t, W)
+
+
+def _axis_origins(length: int, tile: int, overlap: int, stride: int) -> tuple[int, ...]:
+    """Fewest stride-aligned origins such that neighbours overlap by >= ``overlap`` and the last
+    tile ends at the padded length; spread evenly (steps differ by at most one cell)."""
+    padded = -(-length // stride) * stride
+    if padded <= tile:
+        return (0,)
+    n = -(-(padded - overlap) // (tile - overlap))
+    cells = (padded - tile) // stride
+    return tuple(sorted({stride * ((2 * k * cells + n - 1) // (2 * (n - 1))) for k in range(n)}))
+
+
+def plan_tiles(size: tuple[int, int], stride: int, tile: int, overlap: int,
+               margin: float | None = None) -> TilePlan:
+    """Tiles of side ``tile`` over an image of ``size = (H, W)``.
+
+    Neighbouring tiles overlap by at least ``overlap`` pixels; the fewest tiles that allow it
+    are spread evenly, so some overlaps are up to one cell larger. ``tile >= 2 * overlap``.
+
+    Example:
+        >>> p = plan_tiles((500, 300), stride=14, tile=224, overlap=56)
+        >>> p.ys, p.xs, p.n_tiles
+        ((0, 140, 280), (0, 84), 6)
+    """
+    H, W = size
+    for name, v in (("H", H), ("W", W), ("stride", stride), ("tile", tile)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if tile % stride:
+        raise ValueError(f"tile={tile} px must be a multiple of the backbone stride {stride}")
+    if not isinstance(overlap, int) or overlap < 0 or overlap % stride:
+        raise ValueError(f"overlap={overlap!r} px must be a non-negative multiple of the stride "
+                         f"{stride}")
+    if tile < 2 * overlap:
+        raise ValueError(f"tile={tile} px must be at least 2 x overlap ({2 * overlap} px)")
+    margin = overlap / 4 if margin is None else float(margin)
+    if not 0 <= margin <= overlap / 4:
+        raise ValueError(f"margin={margin} px must be in [0, overlap/4 = {overlap / 4}]")
+    return TilePlan((H, W), stride, tile, overlap, margin, _axis_origins(H, tile, overlap, stride),
+                    _axis_origins(W, tile, overlap, stride))
+
+
+
+def owned_spans(length: int, origins: tuple[int, ...], tile: int) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of the pixels each tile writes along one axis: neighbours split
+    their overlap in the middle, so the spans partition ``[0, length)``.
+
+    Example:
+        >>> owned_spans(500, (0, 140, 280), 224)
+        [(0, 182), (182, 322), (322, 500)]
+    """
+    ends = [min(o + tile, length) for o in origins]
+    cuts = [0, *((origins[k + 1] + ends[k]) // 2 for k in range(len(origins) - 1)), length]
+    return list(itertools.pairwise(cuts))
+
+
+
 # A ViT's attention costs ~tokens² (1.2e12 FLOP per 1000² tokens for ViT-S): past ~2000x1500 px
 # one backbone pass takes minutes, so larger images get backbone tiles of <= 64x64 cells
 # (896 px at stride 14, ~1.5 s each on 2 cores) even when one pass would fit in memory.
 WHOLE_BACKBONE_TOKENS = 128 * 128
 BACKBONE_TILE_CELLS = 64
-STREAM_BYTES = 16 * MiB  # mapped output pages resident while one block is written
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-
-
-def available_memory() -> int:
-    """Bytes of RAM available now (Linux ``MemAvailable``; else total physical memory)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def resident_memory() -> int:
-    """Bytes this process holds in RAM now (Linux ``VmRSS``; 0 where unknown)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def parse_bytes(text: str | int | float, name: str = "--max-memory") -> int:
-    """``'4GB'``, ``'512MiB'``, ``'1.5g'``, ``'2000000'`` (bytes) or ``'50%'`` (of the RAM
-    available now) -> bytes. Raises a one-line ``ValueError`` naming ``name``.
-
-    Example:
-        >>> parse_bytes("4GB"), parse_bytes("512 MiB"), parse_bytes(1000)
-        (4000000000, 536870912, 1000)
-    """
-    s = str(text).strip().lower()
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|[kmgt]?i?b?)", s)
-    if m is None or (m.group(2) not in _UNITS and m.group(2) != "%"):
-        raise ValueError(f"{name} must be a size like 4GB, 512MB, 1.5GiB or 50% (of available "
-                         f"RAM), got {text!r}")
-    value = float(m.group(1))
-    unit = m.group(2)
-    if unit == "%" and value > 100:
-        raise ValueError(f"{name} is a share of the available RAM: at most 100%, got {text!r}")
-    n = int(value / 100 * available_memory()) if unit == "%" else int(value * _UNITS[unit])
-    if n <= 0:
-        raise ValueError(f"{name} must be positive, got {text!r}")
-    return n
-
-
-def format_bytes(n: float) -> str:
-    """``3.2 GB``-style text (decimal units, as :func:`parse_bytes` reads them)."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-def _learned(model: torch.nn.Module) -> bool:
-    return getattr(model.upsampler, "name", "") not in _INTERP
-
-
-def _grid(model: torch.nn.Module, height: int, width: int) -> tuple[int, int]:
-    """``(pixels, tokens)`` of an image padded to the stride."""
-    s = model.stride
-    h, w = -(-height // s), -(-width // s)
-    return h * w * s * s, h * w
-
-
-def backbone_bytes(model: torch.nn.Module, height: int, width: int) -> int:
-    """Estimated peak bytes of the backbone on one image (activations + its low-res result)."""
-    _, tokens = _grid(model, height, width)
-    return int((K_BACKBONE + 1) * tokens * model.dim * 4)
-
-
-def upsampler_bytes(model: torch.nn.Module, height: int, width: int) -> int:
-    """Estimated peak bytes of the upsampler on one image, including its float32 result."""
-    px, _ = _grid(model, height, width)
-    C = model.dim
-    if not _learned(model):
-        return C * 4 * px
-    return int((K_LEARNED * C * 4 + PER_PX_LEARNED) * px + CONST_LEARNED)
-
-
-def forward_bytes(model: torch.nn.Module, height: int, width: int) -> int:
-    """Estimated peak bytes of ``model`` (backbone + upsampler) on one ``height x width`` image,
-    float32, including its ``(dim, height, width)`` result (see the module docstring)."""
-    _, tokens = _grid(model, height, width)
-    low = model.dim * tokens * 4
-    activations = backbone_bytes(model, height, width) - low
-    return int(max(activations, upsampler_bytes(model, height, width)) + low)
 
 
 @dataclass(frozen=True)
@@ -226,10 +226,10 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
             held in memory (``False`` when it is streamed to a memory-mapped file).
         tile: force the upsampler's tile side (pixels, a multiple of the stride).
         overlap: upsampler tile overlap in pixels (default
-            :func:`~upfeat.tiling.default_overlap`).
+            :func:`default_overlap`).
         backbone_tile: force tiles for the backbone too (overlap
-            :data:`~upfeat.tiling.BACKBONE_OVERLAP_CELLS` cells).
-        base: bytes the process already holds (e.g. :func:`resident_memory` after loading the
+            :data:`BACKBONE_OVERLAP_CELLS` cells).
+        base: bytes the process already holds (e.g. :func:`~upfeat.inference.memory.resident_memory` after loading the
             model); the run gets ``budget - base``.
 
     The backbone runs in one pass whenever that fits and has at most
@@ -240,7 +240,7 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
     """
     (H, W), s, C = size, model.stride, model.dim
     output = C * H * W * torch.empty((), dtype=dtype).element_size()
-    image, low = IMAGE_BYTES_PER_PX * H * W, C * _grid(model, H, W)[1] * 4
+    image, low = IMAGE_BYTES_PER_PX * H * W, C * grid_size(model, H, W)[1] * 4
     converted = output_in_memory and dtype != torch.float32  # a second copy in another dtype
     untiled = image + forward_bytes(model, H, W) + (output if converted else 0)
     full = max(-(-H // s), -(-W // s)) * s
@@ -249,7 +249,7 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
     if budget <= 0:
         raise MemoryError(f"the process already uses {format_bytes(base)} (torch and the "
                           f"model), over the budget of {format_bytes(total)}; raise --max-memory")
-    small = _grid(model, H, W)[1] <= WHOLE_BACKBONE_TOKENS
+    small = grid_size(model, H, W)[1] <= WHOLE_BACKBONE_TOKENS
     if tile is None and backbone_tile is None and untiled <= budget and small:
         return MemoryPlan((H, W), total, output, untiled, untiled, one, one, output_in_memory,
                           base)
@@ -267,7 +267,7 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
 
     ov_b = BACKBONE_OVERLAP_CELLS * s
     ov_u = default_overlap(getattr(model.upsampler, "name", ""), s) if overlap is None else overlap
-    whole = stage1(full) <= budget and _grid(model, H, W)[1] <= WHOLE_BACKBONE_TOKENS
+    whole = stage1(full) <= budget and grid_size(model, H, W)[1] <= WHOLE_BACKBONE_TOKENS
     cap = max(BACKBONE_TILE_CELLS * s, 2 * ov_b)
     tb = backbone_tile or (full if whole else _largest(stage1, budget, 2 * ov_b, min(full, cap), s))
     tu = tile or _largest(stage2, budget, 2 * ov_u, full, s)

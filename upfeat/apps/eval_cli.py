@@ -1,6 +1,6 @@
 """``upfeat eval``: linear probes and CAM faithfulness from the command line.
 
-``eval_app`` is a typer app; ``upfeat.cli`` mounts it as ``upfeat eval``. Each command parses its
+``eval_app`` is a typer app; ``upfeat.apps.cli`` mounts it as ``upfeat eval``. Each command parses its
 options and calls one function of :mod:`upfeat.eval.suite`.
 
 Example::
@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .._cli_errors import user_errors
+from ._cli_errors import user_errors
 
 eval_app = typer.Typer(help="Evaluate upsamplers: linear probes (seg, fg/bg, depth) and CAM "
                             "faithfulness.", no_args_is_help=True, add_completion=False,
@@ -41,7 +41,7 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option(help="Also cache backbone f
 
 def _run(fn, **kwargs) -> dict:
     """Call ``fn`` logging to the terminal; bad input becomes one ``error:`` line, exit code 2,
-    through the commands' :func:`~upfeat._cli_errors.user_errors`."""
+    through the commands' :func:`~upfeat.apps._cli_errors.user_errors`."""
     return fn(log=typer.echo, **kwargs)
 
 
@@ -80,7 +80,7 @@ def probe(
     """Linear probe (1x1 conv) on upsampled features: train on 'train', report on --split.
 
     Seg / fg-bg also report boundary scores: mIoU / fg IoU over the pixels within d = 3 and 8 pixels (square window, at the evaluation size) of a ground-truth class boundary."""
-    from .suite import probe_suite
+    from ..eval.suite import probe_suite
 
     kw = {k: v for k, v in (("void_id", void_id), ("depth_scale", depth_scale)) if v is not None}
     _report(_run(probe_suite, data=data, upsamplers=upsampler, task=task,
@@ -110,7 +110,7 @@ def cam(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """CAM faithfulness: Average Drop / Average Increase of CAMs made from upsampled features."""
-    from .suite import cam_suite
+    from ..eval.suite import cam_suite
 
     _report(_run(cam_suite, data=data, upsamplers=upsampler, backbone=backbone,
                  size=tuple(size) if size else None, split=split, out=out, max_iter=max_iter,

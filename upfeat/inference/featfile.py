@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from ..checkpoint import atomic_write
 
 __all__ = ["DTYPES", "FORMATS", "MappedFeatures", "complete_meta", "read_features", "write_features"]
 

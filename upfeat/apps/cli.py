@@ -18,7 +18,7 @@ def _root() -> None:
 
 
 from ._cli_options import dataclass_options, json_dict as _json_dict
-from .train.config import TrainConfig
+from ..train.config import TrainConfig
 
 
 @app.command()
@@ -29,9 +29,9 @@ def train(given: dict) -> None:
     (--objective scale) real 2x targets for one JBU shared by several backbones.
 
     Every option is a field of upfeat.train.TrainConfig; with --resume, options not given continue the saved run."""
-    from .checkpoint import read_meta
-    from .train import fit
-    from .train.engine import CKPT, RUN_STATS
+    from ..checkpoint import read_meta
+    from ..train import fit
+    from ..train.engine import CKPT, RUN_STATS
 
     if given.get("objective") == "scale" and "upsampler" not in given:
         given["upsampler"] = "jbu_cells"
@@ -59,7 +59,7 @@ def serve(
 ) -> None:
     """Local web demo (Gradio): upload an image, see its low-res and upsampled features side by side."""
     from ._samples import default_samples
-    from .io import find_images
+    from ..io import find_images
     from .serve import serve as run_server
 
     if not 0 <= port <= 65535:
@@ -100,7 +100,7 @@ def upsample(
 
     Exit code 2: usage or setup error (missing input, unknown backbone, bad option), nothing run.
     """
-    from .infer import UpsampleConfig, run
+    from ..inference.batch import UpsampleConfig, run
 
     cfg = UpsampleConfig(
         inputs=tuple(str(p) for p in inputs), out=str(out), backbone=backbone,
@@ -132,7 +132,7 @@ def demo(
 ) -> None:
     """Offline demo: one PNG, a row per photo: image | low-res | bilinear | JBU (PCA colours)."""
     from ._samples import samples_or_default
-    from .figure import demo_figure
+    from .demo_figure import demo_figure
 
     fig = demo_figure(out, samples_or_default(images), checkpoint, max_side, progress, note=typer.echo,
                       backbones=backbone)
@@ -141,7 +141,7 @@ def demo(
     typer.echo(f"wrote {fig.path} ({len(fig.photos)} photo(s))")
 
 
-from .eval.cli import eval_app  # noqa: E402  (`upfeat eval probe|cam`)
+from .eval_cli import eval_app  # noqa: E402  (`upfeat eval probe|cam`)
 
 app.add_typer(eval_app, name="eval")
 
@@ -164,7 +164,7 @@ def implicit(
     """Fit FeatUp's implicit upsampler to one image; the saved field can be queried at any size."""
     import time
 
-    from .upsamplers.implicit.run import fit_file
+    from .implicit_file import fit_file
 
     t0 = time.perf_counter()
     field = fit_file(image, backbone, out, size=size, viz=viz, schedule=schedule,

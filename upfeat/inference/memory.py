@@ -1,0 +1,132 @@
+"""How much memory an upsampling run needs: byte estimates, and reading/printing budgets.
+
+Estimates are in bytes, for float32 compute, on top of the process itself and the model weights
+(~0.8 GB resident for vits14_focus + JBU, 0.5 GB of it torch alone; ``upfeat upsample`` measures
+it, :func:`resident_memory`, and plans the rest of its budget: ``base`` of
+:func:`upfeat.inference.planning.plan_memory`). Measured on this project's 2-core CPU machine with
+``benchmarks/bench_memory.py`` (peak resident memory of one forward in a fresh process,
+``benchmarks/results/memory.json``) and rounded up; they hold within ~10 % for ViT-S/14 +
+bilinear / JBU from 224² to 896², and are rough for other backbones. For an ``H x W`` image with
+``px = Hp * Wp`` pixels padded to the stride ``s``, ``N = px / s²`` tokens and ``C = dim``:
+
+- backbone:   ``26 * N * C * 4`` (ViT-S/14 measured 20.5-25.4; attention is fused, so linear in N)
+- upsampler:  nearest / bilinear / bicubic ``C * 4 * px`` (the output, measured exactly);
+  JBU stack and other learned ones ``(2.2 * C * 4 + 1200) * px + 96 MiB`` (fitted
+  ``(2.07 * C * 4 + 1130) * px + ~90 MiB`` from one-off runs of the same measurement at 448²
+  and 896² for C = 16, 64, 384; the C = 384 rows are in memory.json)
+- one forward: ``max(backbone, upsampler) + C * N * 4`` (the low-res features stay alive)
+- image: ``15 * H * W`` (8-bit RGB + float32 tensor)
+
+Untiled run = image + forward(H, W) (+ output, if kept in memory in another dtype); tiled runs:
+:mod:`upfeat.inference.planning`.
+
+Whole ``upfeat upsample`` runs (peak RSS of the process, output streamed) are measured by
+``bench_memory.py --cli`` (``benchmarks/results/memory_cli.md``): 2000x1500 at 1 GB with
+bilinear peaked at 1.07 x the budget.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+__all__ = ["available_memory", "backbone_bytes", "format_bytes", "forward_bytes", "grid_size",
+           "parse_bytes", "resident_memory", "upsampler_bytes"]
+
+MiB = 2**20
+K_BACKBONE = 26.0
+_INTERP = ("nearest", "bilinear", "bicubic")
+K_LEARNED, PER_PX_LEARNED, CONST_LEARNED = 2.2, 1200, 96 * MiB
+IMAGE_BYTES_PER_PX = 15
+STREAM_BYTES = 16 * MiB  # mapped output pages resident while one block is written
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def available_memory() -> int:
+    """Bytes of RAM available now (Linux ``MemAvailable``; else total physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resident_memory() -> int:
+    """Bytes this process holds in RAM now (Linux ``VmRSS``; 0 where unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def parse_bytes(text: str | int | float, name: str = "--max-memory") -> int:
+    """``'4GB'``, ``'512MiB'``, ``'1.5g'``, ``'2000000'`` (bytes) or ``'50%'`` (of the RAM
+    available now) -> bytes. Raises a one-line ``ValueError`` naming ``name``.
+
+    Example:
+        >>> parse_bytes("4GB"), parse_bytes("512 MiB"), parse_bytes(1000)
+        (4000000000, 536870912, 1000)
+    """
+    s = str(text).strip().lower()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|[kmgt]?i?b?)", s)
+    if m is None or (m.group(2) not in _UNITS and m.group(2) != "%"):
+        raise ValueError(f"{name} must be a size like 4GB, 512MB, 1.5GiB or 50% (of available "
+                         f"RAM), got {text!r}")
+    value = float(m.group(1))
+    unit = m.group(2)
+    if unit == "%" and value > 100:
+        raise ValueError(f"{name} is a share of the available RAM: at most 100%, got {text!r}")
+    n = int(value / 100 * available_memory()) if unit == "%" else int(value * _UNITS[unit])
+    if n <= 0:
+        raise ValueError(f"{name} must be positive, got {text!r}")
+    return n
+
+
+def format_bytes(n: float) -> str:
+    """``3.2 GB``-style text (decimal units, as :func:`parse_bytes` reads them)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _learned(model: torch.nn.Module) -> bool:
+    return getattr(model.upsampler, "name", "") not in _INTERP
+
+
+def grid_size(model: torch.nn.Module, height: int, width: int) -> tuple[int, int]:
+    """``(pixels, tokens)`` of an image padded to the stride."""
+    s = model.stride
+    h, w = -(-height // s), -(-width // s)
+    return h * w * s * s, h * w
+
+
+def backbone_bytes(model: torch.nn.Module, height: int, width: int) -> int:
+    """Estimated peak bytes of the backbone on one image (activations + its low-res result)."""
+    _, tokens = grid_size(model, height, width)
+    return int((K_BACKBONE + 1) * tokens * model.dim * 4)
+
+
+def upsampler_bytes(model: torch.nn.Module, height: int, width: int) -> int:
+    """Estimated peak bytes of the upsampler on one image, including its float32 result."""
+    px, _ = grid_size(model, height, width)
+    C = model.dim
+    if not _learned(model):
+        return C * 4 * px
+    return int((K_LEARNED * C * 4 + PER_PX_LEARNED) * px + CONST_LEARNED)
+
+
+def forward_bytes(model: torch.nn.Module, height: int, width: int) -> int:
+    """Estimated peak bytes of ``model`` (backbone + upsampler) on one ``height x width`` image,
+    float32, including its ``(dim, height, width)`` result (see the module docstring)."""
+    _, tokens = grid_size(model, height, width)
+    low = model.dim * tokens * 4
+    activations = backbone_bytes(model, height, width) - low
+    return int(max(activations, upsampler_bytes(model, height, width)) + low)
