@@ -6,6 +6,8 @@ new upward import fails here whether or not any test happens to run it.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import upfeat
@@ -84,3 +86,15 @@ def test_the_apps_are_imported_by_nothing_in_the_library():
     users = sorted({a for a, b in _imports() if b.startswith("upfeat.apps")
                     and not a.startswith("upfeat.apps") and a != "upfeat.__main__"})
     assert not users, users
+
+
+def test_the_command_line_loads_no_torch_until_a_command_runs():
+    """``upfeat --help`` / ``upfeat upsample --help`` stay fast (~1 s, torch alone takes ~4 s
+    here): the CLI module and everything it imports at start-up are torch-free."""
+    code = ("import sys, upfeat.apps.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'numpy', 'PIL', 'gradio'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    helped = subprocess.run([sys.executable, "-m", "upfeat", "upsample", "--help"],
+                            capture_output=True, text=True)
+    assert helped.returncode == 0 and "--max-memory" in helped.stdout, helped.stderr

@@ -9,7 +9,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+local"
 
-from ._checks import ShapeError, UpfeatError  # noqa: E402
+from ._errors import ShapeError, UpfeatError  # noqa: E402  (no torch: `upfeat --help` stays fast)
 
 # The rest on first use (PEP 562): `import upfeat.upsamplers` must not pull in every backbone.
 _LAZY = {"UpFeat": "model", "create_model": "model", "list_pretrained": "model", "load": "model",

@@ -10,15 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-
-class UpfeatError(Exception):
-    """Base of upfeat's own errors (:class:`ShapeError`, ``OfflineError``, ``CheckpointError``,
-    ``ImageReadError``, ...): a user-facing problem with a one-line message, which the CLI prints
-    as ``error: ...`` with exit code 2."""
-
-
-class ShapeError(UpfeatError, ValueError):
-    """A tensor has the wrong number of dimensions or the wrong size."""
+from ._errors import ShapeError, UpfeatError  # noqa: F401  (re-exported: the checks raise them)
 
 
 def check(cond: bool, msg: str, exc: type[Exception] = ValueError) -> None:

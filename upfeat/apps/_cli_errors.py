@@ -1,6 +1,6 @@
 """The CLI's one error boundary: user errors become one ``error: ...`` line and exit code 2.
 
-Caught: upfeat's own errors (:class:`~upfeat._checks.UpfeatError` and its subclasses), ``OSError``
+Caught: upfeat's own errors (:class:`~upfeat.UpfeatError` and its subclasses), ``OSError``
 (missing files, ports, permissions), ``ImportError`` (an optional extra not installed) and bad
 values (``ValueError``, ``TypeError``, ``OverflowError``). ``UPFEAT_DEBUG=1`` re-raises them with
 the traceback instead. Anything else is a bug and keeps its traceback.
@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
-from .._checks import UpfeatError
+from .._errors import UpfeatError
 
 USER_ERRORS = (UpfeatError, OSError, ImportError, ValueError, TypeError, OverflowError)
 F = TypeVar("F", bound=Callable)
