@@ -56,7 +56,7 @@ def test_output_shapes_non_square(stride):
     hr = torch.rand(1, 4, 3 * stride, 2 * stride + 1, generator=_gen())
     for ds in _both(4, stride):
         assert ds(hr).shape == (1, 4, 3, 3)
-        assert ds(hr, out_size=(3, 3)).shape == (1, 4, 3, 3)
+        assert ds(hr, output_size=(3, 3)).shape == (1, 4, 3, 3)
         assert ds.output_size(3 * stride, 2 * stride + 1) == (3, 3)
 
 
@@ -166,8 +166,8 @@ def test_errors_name_argument():
         SimpleDownsampler(8)(torch.zeros(1, 3, 16, 16, dtype=torch.int32))
     with pytest.raises(ShapeError, match=r"hr must have 4 channels \(B, 4, H, W\), got shape"):
         AttentionDownsampler(4, 8)(torch.zeros(1, 3, 16, 16))
-    with pytest.raises(ShapeError, match=r"out_size=\(2, 2\) does not match .* gives \(3, 2\)"):
-        SimpleDownsampler(8)(torch.zeros(1, 3, 17, 16), out_size=(2, 2))
+    with pytest.raises(ShapeError, match=r"output_size=\(2, 2\) does not match .* gives \(3, 2\)"):
+        SimpleDownsampler(8)(torch.zeros(1, 3, 17, 16), output_size=(2, 2))
     with pytest.raises(ValueError, match="stride must be an int >= 1, got 0"):
         SimpleDownsampler(0)
     with pytest.raises(ValueError, match="kernel_size must be an int >= 1"):

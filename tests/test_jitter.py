@@ -91,10 +91,10 @@ def test_invert_view_exact_for_shift_and_flip():
 def test_out_size_resamples_same_window():
     x = _img(32, 48)
     v = View(zoom=2.0, offset=(0.25, 0.25))
-    small = apply_view(x, v, out_size=(16, 24))
+    small = apply_view(x, v, output_size=(16, 24))
     # The window is source pixels [8, 24) x [12, 36); at its native size it samples their centres.
     torch.testing.assert_close(small, x[..., 8:24, 12:36], **TOL)
-    assert apply_view(x, v, out_size=(5, 7), mode="nearest").shape == (2, 3, 5, 7)
+    assert apply_view(x, v, output_size=(5, 7), mode="nearest").shape == (2, 3, 5, 7)
 
 
 def test_sample_views_reproducible_and_in_range():

@@ -170,7 +170,7 @@ def test_errors_name_argument():
     lr, hr = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 16, 16)
     with pytest.raises(ValueError, match="crf_weight > 0 needs image"):
         crit(lr, hr, SimpleDownsampler(8))
-    with pytest.raises(ShapeError, match="out_size=.* does not match"):
+    with pytest.raises(ShapeError, match="output_size=.* does not match"):
         MultiViewLoss(4)(lr, torch.zeros(1, 4, 24, 24), SimpleDownsampler(8))
     with pytest.raises(ShapeError, match=r"hr_view must have 4 channels"):
         MultiViewLoss(4)(lr, torch.zeros(1, 3, 16, 16), SimpleDownsampler(8))

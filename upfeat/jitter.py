@@ -10,7 +10,8 @@ aligned whether ``feats`` is at the image's size or at the backbone's ``(h, w)``
 Geometry (as FeatUp's jitter: reflect-pad, zoom, crop, then flip): the view shows the window of
 the source whose top-left corner is ``offset = (top, left)`` (fractions of H, W; negative or past
 the end = inside the reflection padding) and whose size is ``1 / zoom`` of the source; the window
-is resampled to ``out_size`` (default: the input's size) and mirrored left-right if ``flip``.
+is resampled to ``output_size`` (default: the input's size) and mirrored left-right if
+``flip``.
 """
 from __future__ import annotations
 
@@ -118,8 +119,9 @@ def sample_views(n: int, generator: torch.Generator, size: tuple[int, int], *,
     return views
 
 
-def warp_thetas(x: torch.Tensor, thetas: torch.Tensor, out_size: tuple[int, int] | None = None,
-                mode: str = "bilinear", padding_mode: str = "reflection") -> torch.Tensor:
+def warp_thetas(x: torch.Tensor, thetas: torch.Tensor,
+                output_size: tuple[int, int] | None = None, mode: str = "bilinear",
+                padding_mode: str = "reflection") -> torch.Tensor:
     """The one view warp: ``x`` ``(N, C, H, W)`` (or ``(1, C, H, W)``, shared) through ``N``
     affine ``thetas`` ``(N, 2, 3)`` (:meth:`View.theta`) -> ``(N, C, H', W')``; ``grid_sample``
     with ``align_corners=False``. Unchecked: the hot path of the implicit fit (all views in one
@@ -131,14 +133,15 @@ def warp_thetas(x: torch.Tensor, thetas: torch.Tensor, out_size: tuple[int, int]
         tensor([[0., 1., 2., 3.],
                 [3., 2., 1., 0.]])
     """
-    n, out = thetas.shape[0], tuple(x.shape[-2:]) if out_size is None else tuple(out_size)
+    n = thetas.shape[0]
+    out = tuple(x.shape[-2:]) if output_size is None else tuple(output_size)
     grid = F.affine_grid(thetas.to(x.dtype), [n, 1, *out], align_corners=False)
     return F.grid_sample(x.expand(n, -1, -1, -1), grid, mode=mode, padding_mode=padding_mode,
                          align_corners=False)
 
 
-def _warp(x: torch.Tensor, view: View, inverse: bool, out_size, mode: str, padding_mode: str,
-          name: str) -> torch.Tensor:
+def _warp(x: torch.Tensor, view: View, inverse: bool, output_size, mode: str,
+          padding_mode: str, name: str) -> torch.Tensor:
     """Validate, then resample ``x`` through ``view`` (or its inverse); identity returns ``x``."""
     if not isinstance(view, View):
         raise TypeError(f"view must be an upfeat.jitter.View, got {type(view).__name__}")
@@ -148,9 +151,9 @@ def _warp(x: torch.Tensor, view: View, inverse: bool, out_size, mode: str, paddi
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if padding_mode not in _PADDINGS:
         raise ValueError(f"padding_mode must be one of {_PADDINGS}, got {padding_mode!r}")
-    out = (dims["H"], dims["W"]) if out_size is None else tuple(int(s) for s in out_size)
+    out = (dims["H"], dims["W"]) if output_size is None else tuple(int(s) for s in output_size)
     if len(out) != 2 or min(out) < 1:
-        raise ValueError(f"out_size must be (H', W') with positive sides, got {out_size!r}")
+        raise ValueError(f"output_size must be (H', W') with positive sides, got {output_size!r}")
     if view.is_identity and out == (dims["H"], dims["W"]):
         return x
     theta = view.inverse_theta(dtype=torch.float64) if inverse else view.theta(dtype=torch.float64)
@@ -160,14 +163,14 @@ def _warp(x: torch.Tensor, view: View, inverse: bool, out_size, mode: str, paddi
     return warp_thetas(work, thetas, out, mode, padding_mode).to(x.dtype)
 
 
-def apply_view(x: torch.Tensor, view: View, out_size: tuple[int, int] | None = None,
+def apply_view(x: torch.Tensor, view: View, output_size: tuple[int, int] | None = None,
                mode: str = "bilinear", padding_mode: str = "reflection") -> torch.Tensor:
     """Resample ``x`` through ``view`` (same view for the whole batch).
 
     Args:
         x: ``(B, C, H, W)`` image or feature map covering the source field of view.
         view: the jitter.
-        out_size: ``(H', W')`` of the result; default ``(H, W)`` (images and features keep
+        output_size: ``(H', W')`` of the result; default ``(H, W)`` (images and features keep
             their own resolution, and stay aligned because views are resolution independent).
         mode: ``'bilinear'``, ``'nearest'`` or ``'bicubic'`` (``grid_sample``, align_corners=False).
         padding_mode: what the view shows outside the source: ``'reflection'`` (default; mirror
@@ -182,17 +185,17 @@ def apply_view(x: torch.Tensor, view: View, out_size: tuple[int, int] | None = N
         >>> apply_view(x, View(flip=True))
         tensor([[[[3., 2., 1., 0.]]]])
     """
-    return _warp(x, view, False, out_size, mode, padding_mode, "x")
+    return _warp(x, view, False, output_size, mode, padding_mode, "x")
 
 
-def invert_view(y: torch.Tensor, view: View, out_size: tuple[int, int] | None = None,
+def invert_view(y: torch.Tensor, view: View, output_size: tuple[int, int] | None = None,
                 mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
     """Bring a view back to the source frame: the inverse of :func:`apply_view`.
 
     Args:
         y: ``(B, C, H', W')`` in the view's frame.
         view: the view ``y`` was made with.
-        out_size: ``(H, W)`` of the source frame; default ``(H', W')``.
+        output_size: ``(H, W)`` of the source frame; default ``(H', W')``.
         padding_mode: fill for source pixels outside the view's window (default ``'zeros'``; use
             :func:`view_mask` to know which pixels are covered).
 
@@ -200,7 +203,7 @@ def invert_view(y: torch.Tensor, view: View, out_size: tuple[int, int] | None = 
         ``(B, C, H, W)``; inside the window ``invert_view(apply_view(x, v), v) ≈ x`` (exact for
         flips and integer shifts, a bilinear round trip for zooms).
     """
-    return _warp(y, view, True, out_size, mode, padding_mode, "y")
+    return _warp(y, view, True, output_size, mode, padding_mode, "y")
 
 
 def view_mask(view: View, size: tuple[int, int], device=None) -> torch.Tensor:

@@ -104,13 +104,14 @@ class AttentionDownsampler(Downsampler):
         logits = sal * self.w.reshape(1, -1, 1, 1) + self.b.reshape(1, -1, 1, 1)
         return logits.softmax(1).view(hr.shape[0], k, k, h, w)
 
-    def forward(self, hr: torch.Tensor, out_size: tuple[int, int] | None = None,
+    def forward(self, hr: torch.Tensor, output_size: tuple[int, int] | None = None,
                 guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """``hr (B, C, H, W) -> (B, C, ceil(H/s), ceil(W/s))``; ``out_size``, if given, must equal
-        that size (a check that the high-res map and the low-res target cover the same pixels).
+        """``hr (B, C, H, W) -> (B, C, ceil(H/s), ceil(W/s))``; ``output_size``, if given, must
+        equal that size (a check that the high-res map and the low-res target cover the same
+        pixels).
         With ``guidance`` (``(B, 1, H, W)``, see :meth:`guidance`) ``hr`` may have any number of
         channels, e.g. a random projection of the features the saliency was computed from."""
-        d = self._check(hr, out_size, self.dim if guidance is None else None)
+        d = self._check(hr, output_size, self.dim if guidance is None else None)
         if guidance is not None and tuple(guidance.shape) != (d["B"], 1, d["H"], d["W"]):
             raise ShapeError(f"guidance must have shape ({d['B']}, 1, {d['H']}, {d['W']}) "
                              f"(the saliency of hr), got {tuple(guidance.shape)}")

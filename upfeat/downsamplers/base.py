@@ -54,7 +54,7 @@ def cell_pad(x: torch.Tensor, stride: int, k: int, extent: int | None = None) ->
 
 
 class Downsampler(nn.Module):
-    """Base: ``forward(hr (B, C, H, W), out_size=None) -> (B, C, ceil(H/s), ceil(W/s))``."""
+    """Base: ``forward(hr (B, C, H, W), output_size=None) -> (B, C, ceil(H/s), ceil(W/s))``."""
 
     def __init__(self, stride: int, kernel_size: int | None = None) -> None:
         super().__init__()
@@ -71,17 +71,17 @@ class Downsampler(nn.Module):
         """``(ceil(H / stride), ceil(W / stride))``."""
         return math.ceil(height / self.stride), math.ceil(width / self.stride)
 
-    def _check(self, hr: torch.Tensor, out_size, dim: int | None = None) -> dict[str, int]:
+    def _check(self, hr: torch.Tensor, output_size, dim: int | None = None) -> dict[str, int]:
         dims = check_shape(hr, ["B", "C", "H", "W"], "hr")
         check_floating(hr, "hr")
         if dim is not None and dims["C"] != dim:
             raise ShapeError(f"hr must have {dim} channels (B, {dim}, H, W), got shape "
                              f"{tuple(hr.shape)}")
         expected = self.output_size(dims["H"], dims["W"])
-        if out_size is not None and tuple(int(s) for s in out_size) != expected:
+        if output_size is not None and tuple(int(s) for s in output_size) != expected:
             raise ShapeError(
-                f"out_size={tuple(out_size)} does not match hr of size {dims['H']}x{dims['W']} "
-                f"with stride {self.stride}, which gives {expected} = ceil(H/s), ceil(W/s); "
+                f"output_size={tuple(output_size)} does not match hr of size "
+                f"{dims['H']}x{dims['W']} with stride {self.stride}, which gives {expected} = ceil(H/s), ceil(W/s); "
                 f"the high-res map must cover the same pixels as the low-res target")
         return dims
 

@@ -60,12 +60,13 @@ class SimpleDownsampler(Downsampler):
     def spatial_kernel(self) -> torch.Tensor:
         return self.kernel
 
-    def forward(self, hr: torch.Tensor, out_size: tuple[int, int] | None = None,
+    def forward(self, hr: torch.Tensor, output_size: tuple[int, int] | None = None,
                 guidance: None = None) -> torch.Tensor:
-        """``hr (B, C, H, W) -> (B, C, ceil(H/s), ceil(W/s))``; ``out_size``, if given, must equal
-        that size (a check that the high-res map and the low-res target cover the same pixels).
+        """``hr (B, C, H, W) -> (B, C, ceil(H/s), ceil(W/s))``; ``output_size``, if given, must
+        equal that size (a check that the high-res map and the low-res target cover the same
+        pixels).
         ``guidance`` must be ``None`` (a blur's weights do not depend on ``hr``)."""
         if guidance is not None:
             raise ValueError("SimpleDownsampler takes no guidance (its guidance() is None)")
-        self._check(hr, out_size)
+        self._check(hr, output_size)
         return simple_downsample(hr, self.kernel, self.stride)

@@ -26,7 +26,8 @@ class MultiViewLoss(nn.Module):
         lr_target: ``(B, C, h, w)`` backbone features of the jittered image, ``f(t(x))``.
         hr_view: ``(B, C, H, W)`` high-res features already jittered, ``t(F_hr)``, covering the
             same pixels as ``t(x)`` so that ``downsampler(hr_view)`` is ``(B, C, h, w)``.
-        downsampler: an :class:`upfeat.downsamplers.Downsampler` (called as ``ds(hr, out_size)``).
+        downsampler: an :class:`upfeat.downsamplers.Downsampler` (called as
+            ``ds(hr, output_size)``).
         generator: randomness of the projection and CRF sampling (``None``: torch's default).
         image: ``(B, 3, H, W)`` jittered image ``t(x)``; required iff ``crf_weight > 0``.
 
@@ -95,7 +96,7 @@ class MultiViewLoss(nn.Module):
         if self.crf_weight > 0 and image is None:
             raise ValueError("crf_weight > 0 needs image=(B, 3, H, W), the jittered image t(x)")
         kw = {} if guidance is None else {"guidance": guidance}
-        down = downsampler(hr_view, out_size=tuple(lr_target.shape[-2:]), **kw)
+        down = downsampler(hr_view, output_size=tuple(lr_target.shape[-2:]), **kw)
         if down.shape[-2:] != lr_target.shape[-2:]:
             raise ShapeError(f"downsampler(hr_view) has shape {tuple(down.shape)}, expected "
                              f"lr_target's grid {tuple(lr_target.shape[-2:])}")

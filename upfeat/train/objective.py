@@ -89,7 +89,7 @@ class MultiViewObjective(nn.Module):
         crf = crit.crf_weight > 0
         total: dict[str, torch.Tensor] = {}
         for view, x_v, f_v in zip(views, view_images, view_feats, strict=True):
-            z_v = apply_view(z, view, out_size=tuple(x_v.shape[-2:]))
+            z_v = apply_view(z, view, output_size=tuple(x_v.shape[-2:]))
             out = crit(f_v, z_v[:, :c], down, generator, image=x_v if crf else None,
                        projection=proj, hr_projected=proj is not None,
                        guidance=z_v[:, c:] if guide is not None else None)

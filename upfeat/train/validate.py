@@ -16,7 +16,8 @@ def reconstruction_error(upsampler: nn.Module, downsampler: nn.Module, backbone:
     """Mean over images and views of the full-channel squared error per token.
 
     Args:
-        upsampler: ``(feats, image) -> (B, C, H, W)``.  downsampler: called as ``ds(hr, out_size)``.
+        upsampler: ``(feats, image) -> (B, C, H, W)``.  downsampler: called as
+            ``ds(hr, output_size)``.
         backbone: frozen ``f``.  images: ``(1, 3, H, W)`` tensors in [0, 1].
         views: jitters per image, drawn from ``seed`` (the same views for every upsampler).
 
@@ -29,7 +30,7 @@ def reconstruction_error(upsampler: nn.Module, downsampler: nn.Module, backbone:
         hr = upsampler(backbone(img), img)
         for v in sample_views(views, gen, tuple(img.shape[-2:]), max_zoom=max_zoom):
             target = backbone(apply_view(img, v))
-            pred = downsampler(apply_view(hr, v), out_size=tuple(target.shape[-2:]))
+            pred = downsampler(apply_view(hr, v), output_size=tuple(target.shape[-2:]))
             se += (pred - target).square().mean().item()
             var += target.var(dim=(0, 2, 3)).mean().item()
         n += 1

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..._checks import ShapeError, check_floating, check_shape
+from ..._deprecation import UNSET, renamed_keyword
 from ...checkpoint import CheckpointError, load_checkpoint, load_module_state, save_checkpoint
 from ..base import check_size
 from .encoding import ImplicitMLP, pixel_centres, sample_colours, to_normalised
@@ -65,11 +66,12 @@ class FeaturePCA(nn.Module):
 class ImplicitFeatures(nn.Module):
     """Features of one image as a continuous function of position (and the image's colour).
 
-    ``query(size)`` gives ``(1, C, H', W')`` for any size; ``query_points(xy)`` gives ``(N, C)`` at
-    pixel coordinates of the fitted image (continuous, ``(x, y)``, pixel ``(i, j)`` spans
-    ``[j, j+1) x [i, i+1)``, its centre is ``(j + 0.5, i + 0.5)``). Colours at query points are
-    bilinear samples of the fitted image, so ``query(size)`` sees the image resampled bilinearly
-    to ``size``, and a grid query equals the point query at that grid's pixel centres.
+    ``query(output_size)`` gives ``(1, C, H', W')`` for any size; ``query_points(xy)`` gives
+    ``(N, C)`` at pixel coordinates of the fitted image (continuous, ``(x, y)``, pixel ``(i, j)``
+    spans ``[j, j+1) x [i, i+1)``, its centre is ``(j + 0.5, i + 0.5)``). Colours at query points
+    are bilinear samples of the fitted image, so ``query(output_size)`` sees the image resampled
+    bilinearly to ``output_size``, and a grid query equals the point query at that grid's pixel
+    centres.
 
     Attributes: ``mlp`` (:class:`ImplicitMLP`), ``pca`` (:class:`FeaturePCA`), ``image``
     ``(1, 3, H, W)`` in [0, 1], ``base`` ``(1, k, H, W)`` codes added to the network's (sampled
@@ -155,18 +157,22 @@ class ImplicitFeatures(nn.Module):
                           for i in range(0, xy.shape[0], CHUNK)] or [xy.new_zeros(0, self.dim)])
 
     @torch.no_grad()
-    def query(self, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Features ``(1, C, H', W')`` on an ``H' x W'`` grid over the image (default: its size)."""
-        h, w = self.image_size if size is None else check_size(size, "size")
+    def query(self, output_size: tuple[int, int] | None = None, *,
+              size: tuple[int, int] | None = UNSET) -> torch.Tensor:
+        """Features ``(1, C, H', W')`` on an ``(H', W') = output_size`` grid over the image
+        (default: its size). ``size=`` is the deprecated name of ``output_size``."""
+        output_size = renamed_keyword("size", "output_size", size, output_size)
+        h, w = self.image_size if output_size is None else check_size(output_size, "output_size")
         xy = pixel_centres((h, w), self.image_size, self.image.device)
         out = self.image.new_empty(self.dim, h * w)
         for i in range(0, h * w, CHUNK):  # fill in place: no (N, C) concatenation copy
             out[:, i:i + CHUNK] = self.pca.decode(self.codes(xy[i:i + CHUNK])).T
         return out.view(1, self.dim, h, w)
 
-    def forward(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(self, output_size: tuple[int, int] | None = None, *,
+                size: tuple[int, int] | None = UNSET) -> torch.Tensor:
         """Same as :meth:`query`."""
-        return self.query(size)
+        return self.query(renamed_keyword("size", "output_size", size, output_size))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``path`` (safetensors, atomically) and ``<stem>.json`` (config + fit metadata)."""
