@@ -12,7 +12,7 @@ def vits14_focus_jbu(pretrained: bool = True, **kwargs):
     """Offline DINOv2-architecture ViT-S/14 + the shipped JBU stack: images (B, 3, H, W) in [0, 1]
     -> features (B, 384, H, W). ``kwargs`` go to :func:`upfeat.load` (``device=``)."""
     if not pretrained:
-        raise ValueError("vits14_focus_jbu only exists trained; use upfeat.upsamplers.create_upsampler "
+        raise ValueError("vits14_focus_jbu only exists trained; use upfeat.upsamplers.create "
                          "for an untrained JBU stack")
     return _load("vits14_focus_jbu", **kwargs)
 

@@ -60,7 +60,7 @@ from upfeat.checkpoint import CheckpointError
 from upfeat.eval.datasets import PixelDataset, Sample, auto_size, camvid, subset
 from upfeat.eval.metrics import SegMeter
 from upfeat.eval.probe import ProbeConfig, fit_probe, sample_pixels
-from upfeat.upsamplers import create_upsampler
+from upfeat import upsamplers
 from upfeat.upsamplers.implicit import ImplicitFeatures, Schedule, fit_implicit, get_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def main() -> None:
     ref_cost = reference_cost(samples[0].image, bb)
     ncls, void = val.num_classes, val.ignore_index
     train = subset(camvid(DATA, "train", size), args.train_images)
-    bil = create_upsampler("bilinear", dim=bb.dim, stride=bb.stride)
+    bil = upsamplers.create("bilinear", dim=bb.dim, stride=bb.stride)
     with torch.no_grad():
         x, y = sample_pixels(lambda im: bil(bb(im), im), train, ProbeConfig(), progress=True)
     probe, _ = fit_probe(x, y, ProbeConfig(), ncls)
@@ -242,7 +242,7 @@ def features(samples: list[Sample], bb, n_ref: int, cache: Path,
     """Per row: full-resolution features ``(1, C, H, W)`` of its images and seconds per image;
     notes; and per row with a probe C, a function ``Sample -> (1, C, H, W)`` features."""
     notes: list[str] = []
-    bil = create_upsampler("bilinear", dim=bb.dim, stride=bb.stride)
+    bil = upsamplers.create("bilinear", dim=bb.dim, stride=bb.stride)
     rows: dict = {"bilinear": {"feats": []}}
     try:
         jbu = upfeat.load("vits14_focus_jbu").upsampler

@@ -24,7 +24,7 @@ import upfeat
 from upfeat.io import load_image, to_tensor
 from upfeat.model import load_downsampler
 from upfeat.train.validate import reconstruction_error
-from upfeat.upsamplers import create_upsampler
+from upfeat import upsamplers
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid" / "val" / "images"
 
@@ -42,8 +42,8 @@ def main() -> None:
     pick = np.linspace(0, len(names) - 1, a.images).round().astype(int)
     imgs = [F.interpolate(to_tensor(load_image(names[i])), (224, 294), mode="bilinear",
                           antialias=True, align_corners=False).clamp(0, 1) for i in pick]
-    init = create_upsampler(**model.upsampler.config()).eval()  # same stack, untrained
-    rows = {"bilinear": create_upsampler("bilinear", model.upsampler.dim, model.upsampler.stride),
+    init = upsamplers.create(**model.upsampler.config()).eval()  # same stack, untrained
+    rows = {"bilinear": upsamplers.create("bilinear", model.upsampler.dim, model.upsampler.stride),
             "jbu init (untrained)": init, f"jbu ({a.checkpoint})": model.upsampler}
     out = {}
     print(f"CamVid val, {len(imgs)} images at 224x294, 4 views each, downsampler of {a.checkpoint}")

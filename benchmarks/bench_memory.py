@@ -56,10 +56,10 @@ def one(part: str, upsampler: str, h: int, w: int) -> dict:
     from upfeat.inference.planning import plan_memory
     from upfeat.inference.tiled import upsample_tiled
     from upfeat.ops import empty_cache
-    from upfeat.upsamplers import create_upsampler
+    from upfeat import upsamplers
 
     bb = upfeat.backbones.create("vits14_focus")
-    model = upfeat.UpFeat(bb, create_upsampler(upsampler, dim=bb.dim, stride=bb.stride)).eval()
+    model = upfeat.UpFeat(bb, upsamplers.create(upsampler, dim=bb.dim, stride=bb.stride)).eval()
     img = torch.rand(1, 3, h, w)
     with torch.inference_mode():
         model(torch.rand(1, 3, 56, 56))

@@ -31,7 +31,7 @@ from PIL import Image
 
 from _timing import median_time
 from upfeat import backbones
-from upfeat.upsamplers import create_upsampler
+from upfeat import upsamplers
 from upfeat.upsamplers.upsample_anything import fit_params, init_params, mix_cells, ua_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +56,8 @@ def timings(bb, sides: list[int], threads: list[int], repeats: int, steps: int) 
             x = F.interpolate(img, size=(side, side), mode="area")
             with torch.inference_mode():
                 feats = bb(x)
-            up = create_upsampler("upsample_anything", bb.dim, bb.stride, steps=steps)
-            bil = create_upsampler("bilinear", bb.dim, bb.stride)
+            up = upsamplers.create("upsample_anything", bb.dim, bb.stride, steps=steps)
+            bil = upsamplers.create("bilinear", bb.dim, bb.stride)
             guide, size = x, tuple(feats.shape[-2:])
             t_bb = median_time(lambda: bb(x), repeats)
             with torch.inference_mode():
@@ -106,10 +106,10 @@ def feature_check(bb, steps: int) -> list[dict]:
                 hr = F.adaptive_avg_pool2d(up(low, small), target.shape[-2:])
             return float(F.cosine_similarity(hr, target, dim=1).mean())
 
-        row["bilinear"] = score(create_upsampler("bilinear", bb.dim, bb.stride))
+        row["bilinear"] = score(upsamplers.create("bilinear", bb.dim, bb.stride))
         for mode in ("area", "bilinear"):
             for n in (0, steps):
-                up = create_upsampler("upsample_anything", bb.dim, bb.stride, steps=n, downsample=mode)
+                up = upsamplers.create("upsample_anything", bb.dim, bb.stride, steps=n, downsample=mode)
                 row[f"ua_{mode}_{n}"] = score(up)
         rows.append(row)
         print(row, flush=True)

@@ -19,7 +19,7 @@ import torch
 import upfeat
 from upfeat.io import to_tensor
 from upfeat.inference.jobs import prepare
-from upfeat.upsamplers import create_upsampler
+from upfeat import upsamplers
 from upfeat.upsamplers.implicit import fit_implicit
 from upfeat.viz import pca_panels, save_grid
 
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "figures" / "implicit.jpg")
     args = ap.parse_args()
     model = upfeat.load("vits14_focus_jbu")
-    bilinear = create_upsampler("bilinear", dim=model.dim, stride=model.stride)
+    bilinear = upsamplers.create("bilinear", dim=model.dim, stride=model.stride)
     rows = []
     for name in args.photos:
         img, _ = prepare(SAMPLES / name, None, args.max_side)

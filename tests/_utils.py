@@ -25,10 +25,10 @@ def save_untrained_model(path, range_dim: int = 8, **kwargs):
     JBU stack (what ``upfeat train`` exports, without the training); returns the path.
     ``kwargs`` go to the stack (``residual=False, steps=5``: a backbone-agnostic one)."""
     from upfeat.checkpoint import save_checkpoint
-    from upfeat.upsamplers import create_upsampler
+    from upfeat import upsamplers
 
     gen = torch.Generator().manual_seed(0)
-    up = create_upsampler("jbu_stack", dim=384, stride=14, range_dim=range_dim, **kwargs)
+    up = upsamplers.create("jbu_stack", dim=384, stride=14, range_dim=range_dim, **kwargs)
     state = {k: v + 0.1 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
              for k, v in up.state_dict().items()}
     return save_checkpoint(path, {f"upsampler.{k}": v for k, v in state.items()},

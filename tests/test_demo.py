@@ -18,7 +18,7 @@ from upfeat.apps import demo_figure as figure
 from upfeat.apps.cli import app
 from upfeat.io import to_tensor
 from upfeat.inference.jobs import prepare
-from upfeat.upsamplers import create_upsampler
+from upfeat import upsamplers
 from upfeat.viz import fit_pca, pca_rgb
 
 from ._utils import save_untrained_model
@@ -85,7 +85,7 @@ def test_figure_rows_with_the_shipped_checkpoint(photos, tmp_path, monkeypatch):
             feats = model.lowres(img[None])
             basis = fit_pca(feats)
             want = [pca_rgb(f, basis)[0] for f in (
-                feats, create_upsampler("bilinear", dim=384, stride=14)(feats, img[None]),
+                feats, upsamplers.create("bilinear", dim=384, stride=14)(feats, img[None]),
                 model(img[None]))]
         torch.testing.assert_close(low[:, ::14, ::14], want[0][:, :, :8])
         torch.testing.assert_close(bil, want[1])

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from ._utils import MaxNumel as _MaxNumel
 
 from upfeat._checks import ShapeError
+from upfeat import downsamplers
 from upfeat.downsamplers import (AttentionDownsampler, SimpleDownsampler, attention_downsample,
-                                 cell_pad, create_downsampler, list_downsamplers)
+                                 cell_pad, list_downsamplers)
 
 STRIDES = [8, 14, 16, 32]
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -113,7 +114,7 @@ def test_kernels_non_negative_and_normalised():
 
 @pytest.mark.parametrize("name", ["simple", "attention"])
 def test_gradients_reach_every_parameter_and_input(name):
-    ds = create_downsampler(name, dim=6, stride=8)
+    ds = downsamplers.create(name, dim=6, stride=8)
     hr = torch.randn(2, 6, 24, 20, generator=_gen(), requires_grad=True)
     (ds(hr) * torch.randn(2, 6, 3, 3, generator=_gen(1))).sum().backward()
     assert hr.grad is not None and hr.grad.abs().sum() > 0
@@ -152,11 +153,11 @@ def test_never_materialises_unfolded_features(cls):
 
 def test_registry():
     assert {"simple", "attention"} <= set(list_downsamplers())
-    assert isinstance(create_downsampler("simple", 8, 16, kernel_size=20), SimpleDownsampler)
-    ds = create_downsampler("attention", 8, 14)
+    assert isinstance(downsamplers.create("simple", 8, 16, kernel_size=20), SimpleDownsampler)
+    ds = downsamplers.create("attention", 8, 14)
     assert isinstance(ds, AttentionDownsampler) and ds.kernel_size == 14
     with pytest.raises(ValueError, match=r"unknown downsampler 'atention'.*Did you mean: attention"):
-        create_downsampler("atention", 8, 16)
+        downsamplers.create("atention", 8, 16)
 
 
 def test_errors_name_argument():

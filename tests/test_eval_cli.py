@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from upfeat.checkpoint import save_checkpoint
 from upfeat.eval import report
 from upfeat.apps.eval_cli import eval_app
-from upfeat.upsamplers import create_upsampler
+from upfeat import upsamplers
 
 from ._utils import save_untrained_model, skip_without_focus
 
@@ -31,7 +31,7 @@ def focus_ok():
 
 def _resize_conv_ckpt(path):
     """A vits14_focus resize_conv checkpoint (random 1x1 conv) as ``upfeat train`` stores it."""
-    up = create_upsampler("resize_conv", 384, 14, kernel_size=1)
+    up = upsamplers.create("resize_conv", 384, 14, kernel_size=1)
     with torch.no_grad():
         up.conv.weight.normal_(0, 0.02)
     meta = {"backbone": {"name": "vits14_focus", "kwargs": {}, "dim": 384, "stride": 14},

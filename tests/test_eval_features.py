@@ -14,7 +14,7 @@ from upfeat.eval.cache import CachedBackbone
 from upfeat.checkpoint import save_checkpoint
 from upfeat.eval.features import (UpsamplerUnavailable, implicit_upsampler, parse_spec, resolve,
                                   split_specs)
-from upfeat.upsamplers import create_upsampler
+from upfeat import upsamplers
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_interpolation_specs(bb, img, name):
     out = src(img)
     assert out.shape == (2, 8, 30, 41) and src.label == name
     with torch.no_grad():
-        ref = create_upsampler(name, 8, 4)(bb.backbone(img), img)
+        ref = upsamplers.create(name, 8, 4)(bb.backbone(img), img)
     torch.testing.assert_close(out, ref)
 
 
@@ -59,16 +59,16 @@ def test_large_image(bb, img, name, scale):
     assert src.lowres(img).shape == (2, 8, -(-30 * scale // 4), -(-41 * scale // 4))
     big = F.interpolate(img, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
     with torch.no_grad():
-        ref = create_upsampler("bilinear", 8, 4)(bb.backbone(big), big, output_size=(30, 41))
+        ref = upsamplers.create("bilinear", 8, 4)(bb.backbone(big), big, output_size=(30, 41))
     torch.testing.assert_close(src(img), ref)
 
 
 def test_upsampler_object_hook(bb, img):
-    up = create_upsampler("jbu_stack", 8, 4)
+    up = upsamplers.create("jbu_stack", 8, 4)
     src = resolve(up, bb)
     assert src.label == "jbu_stack(object)" and src(img).shape == (2, 8, 30, 41)
     with pytest.raises(ValueError, match="built for dim 16, stride 4, but backbone 'tiny' has dim 8"):
-        resolve(create_upsampler("bilinear", 16, 4), bb)
+        resolve(upsamplers.create("bilinear", 16, 4), bb)
     with pytest.raises(TypeError, match="must be a str or an Upsampler"):
         resolve(3, bb)
 
@@ -82,7 +82,7 @@ def _save(path, up, backbone="tiny", kwargs=None):
 
 
 def test_learned_spec_loads_the_checkpoint(bb, img, tmp_path):
-    up = create_upsampler("resize_conv", 8, 4, kernel_size=1)
+    up = upsamplers.create("resize_conv", 8, 4, kernel_size=1)
     with torch.no_grad():
         up.conv.weight.normal_()  # trained-looking: differs from bilinear
     path = _save(tmp_path / "rc.safetensors", up)

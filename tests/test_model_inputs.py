@@ -12,7 +12,7 @@ from torch import nn
 
 import upfeat
 from upfeat.inference.planning import plan_memory
-from upfeat.upsamplers import create_upsampler
+from upfeat import upsamplers
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def model() -> upfeat.UpFeat:
     torch.manual_seed(0)
     conv = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.GELU(), nn.Conv2d(8, 8, 1))
     return upfeat.UpFeat(upfeat.backbones.wrap(conv, stride=4, dim=8),
-                         create_upsampler("bilinear", dim=8, stride=4)).eval()
+                         upsamplers.create("bilinear", dim=8, stride=4)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -33,3 +33,21 @@ def test_the_implicit_fields_old_size_keyword_still_works_with_a_warning():
     torch.testing.assert_close(old, f.query(output_size=(20, 24)))
     with pytest.raises(TypeError, match="not both"):
         f.query((20, 24), size=(20, 24))
+
+
+def test_the_three_registries_share_one_verb():
+    from upfeat import backbones, downsamplers, upsamplers
+    assert all(callable(getattr(m, "create")) for m in (backbones, downsamplers, upsamplers))
+    assert type(upsamplers.create("bilinear", dim=4, stride=2)).__name__ == "Bilinear"
+    assert type(downsamplers.create("simple", dim=4, stride=2)).__name__ == "SimpleDownsampler"
+    assert downsamplers.list_downsamplers("att*") == ["attention"]
+
+
+@pytest.mark.parametrize("module, old", [("upsamplers", "create_upsampler"),
+                                         ("downsamplers", "create_downsampler")])
+def test_old_registry_names_still_work_with_a_warning(module, old):
+    import importlib
+    mod = importlib.import_module(f"upfeat.{module}")
+    with pytest.warns(DeprecationWarning, match=rf"{old} is deprecated; use upfeat\.{module}\.create"):
+        made = getattr(mod, old)(name := "simple" if module == "downsamplers" else "bilinear", 4, 2)
+    assert type(made) is type(mod.create(name, 4, 2))

@@ -83,11 +83,11 @@ def test_jbu_offered_once_its_checkpoint_exists(focus_ok, data_dir, tmp_path, mo
     """An (untrained) agnostic JBU dropped into the weights folder is offered and runs."""
     import upfeat.model
     from upfeat.checkpoint import save_checkpoint
-    from upfeat.upsamplers import create_upsampler
+    from upfeat import upsamplers
 
     monkeypatch.setattr(upfeat.upsamplers.pretrained, "WEIGHTS", tmp_path)
     assert "jbu" not in upsampler_choices("vits14_focus")
-    up = create_upsampler("jbu_stack", dim=384, stride=14, steps=5, residual=False)
+    up = upsamplers.create("jbu_stack", dim=384, stride=14, steps=5, residual=False)
     save_checkpoint(tmp_path / "jbu.safetensors",
                     {f"upsampler.{k}": v for k, v in up.state_dict().items()},
                     {"upsampler": up.config(),

@@ -12,7 +12,7 @@ import upfeat
 from upfeat.inference.memory import format_bytes, forward_bytes, parse_bytes
 from upfeat.inference.planning import default_overlap, plan_memory, plan_tiles
 from upfeat.inference.tiled import axis_weights, upsample_tiled
-from upfeat.upsamplers import create_upsampler
+from upfeat import upsamplers
 
 
 def local_model(upsampler: str, stride: int = 14, dim: int = 16) -> upfeat.UpFeat:
@@ -20,7 +20,7 @@ def local_model(upsampler: str, stride: int = 14, dim: int = 16) -> upfeat.UpFea
     torch.manual_seed(0)
     conv = nn.Sequential(nn.Conv2d(3, dim, stride, stride=stride), nn.GELU(),
                          nn.Conv2d(dim, dim, 1))
-    up = create_upsampler(upsampler, dim=dim, stride=stride)
+    up = upsamplers.create(upsampler, dim=dim, stride=stride)
     with torch.no_grad():  # move the JBU away from its near-identity initialisation
         for p in up.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -107,7 +107,7 @@ def test_both_stages_tiled_equal_untiled_with_a_local_backbone(upsampler, size, 
 @pytest.fixture(scope="module")
 def vit_bilinear() -> upfeat.UpFeat:
     bb = upfeat.backbones.create("vits14_focus")
-    return upfeat.UpFeat(bb, create_upsampler("bilinear", dim=384, stride=14)).eval()
+    return upfeat.UpFeat(bb, upsamplers.create("bilinear", dim=384, stride=14)).eval()
 
 
 def test_vit_with_upsampler_tiles_equals_one_pass(vit_bilinear, real_image):

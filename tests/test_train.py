@@ -281,7 +281,7 @@ def test_one_agnostic_jbu_trains_on_two_backbones(image_dir, tmp_path):
     assert meta["upsampler"]["residual"] is False
     assert meta["backbones"] == ["timm:resnet18", "timm:vit_tiny_patch16_224"]
     saved = tensors_of(out / "model.safetensors")
-    shared = upfeat.upsamplers.create_upsampler("jbu_stack", 1, 32, residual=False, steps=5,
+    shared = upfeat.upsamplers.create("jbu_stack", 1, 32, residual=False, steps=5,
                                                 range_dim=4).state_dict()
     assert {k for k in saved if k.startswith("upsampler.")} == {f"upsampler.{k}" for k in shared}
     # one downsampler and loss per backbone, of that backbone's dim (512 and 192)

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 import upfeat
 from upfeat.ops.cell_conv import cell_conv
-from upfeat.upsamplers import PARAMETER_FREE, UpsampleAnything, create_upsampler
+from upfeat import upsamplers
+from upfeat.upsamplers import PARAMETER_FREE, UpsampleAnything
 from upfeat.upsamplers.upsample_anything import (downsample_image, fit_params, init_params,
                                                  mix_cells, ua_kernel, ua_kernel_reference)
 
@@ -77,7 +78,7 @@ def test_sharper_than_bilinear_at_an_edge():
     feats = F.adaptive_avg_pool2d(truth, (h, w))  # what a patch sees: a blend at the edge cells
     near = ((xx - 33 - 0.3 * yy).abs() < s)[None, None].expand_as(truth)
     ua = UpsampleAnything(2, s)(feats, colour)
-    bil = create_upsampler("bilinear", 2, s)(feats, colour)
+    bil = upsamplers.create("bilinear", 2, s)(feats, colour)
     err_ua, err_bil = (ua - truth).abs()[near].mean(), (bil - truth).abs()[near].mean()
     assert err_ua < 0.6 * err_bil, (float(err_ua), float(err_bil))
 
@@ -112,12 +113,12 @@ def test_fits_under_inference_mode_and_no_grad():
 
 
 def test_config_round_trip_and_bad_options():
-    up = create_upsampler("upsample_anything", dim=3, stride=14, steps=7, k=3, downsample="area")
+    up = upsamplers.create("upsample_anything", dim=3, stride=14, steps=7, k=3, downsample="area")
     cfg = json.loads(json.dumps(up.config()))
     assert cfg == {"name": "upsample_anything", "dim": 3, "stride": 14, "steps": 7, "lr": 1e-3,
                    "k": 3, "sigma_spatial": 16.0, "sigma_range": 0.12, "downsample": "area",
                    "loss": "l1", "backend": None}
-    clone = create_upsampler(**cfg)
+    clone = upsamplers.create(**cfg)
     feats, img = torch.randn(1, 3, 3, 4), torch.rand(1, 3, 42, 56)
     torch.testing.assert_close(clone(feats, img), up(feats, img))
     assert list(up.state_dict()) == [] and "upsample_anything" in PARAMETER_FREE

@@ -253,11 +253,11 @@ def test_output_larger_than_the_free_disk_fails_before_computing(tmp_path, monke
 
     from upfeat.inference import batch as infer
     from upfeat.inference.jobs import list_items
-    from upfeat.upsamplers import create_upsampler
+    from upfeat import upsamplers
 
     Image.new("RGB", (10000, 10000), (40, 120, 200)).save(tmp_path / "huge.png", compress_level=1)
     bb = upfeat.backbones.wrap(torch.nn.Conv2d(3, 384, 14, stride=14), stride=14, dim=384)
-    model = upfeat.UpFeat(bb, create_upsampler("bilinear", dim=384, stride=14)).eval()
+    model = upfeat.UpFeat(bb, upsamplers.create("bilinear", dim=384, stride=14)).eval()
     cfg = infer.UpsampleConfig(inputs=(str(tmp_path / "huge.png"),), out=str(tmp_path / "o"))
     (item,) = list_items(cfg.inputs, cfg.out, cfg.format, cfg.viz)
     usage = shutil.disk_usage(tmp_path)

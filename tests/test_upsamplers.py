@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from upfeat._checks import ShapeError
 from upfeat.ops import jbu_kernel_reference, spatial_log_kernel
-from upfeat.upsamplers import JBULayer, JBUStack, create_upsampler, list_upsamplers
+from upfeat import upsamplers
+from upfeat.upsamplers import JBULayer, JBUStack, list_upsamplers
 
 NAMES = list_upsamplers()
 SIZES = [(224, 224), (224, 320), (230, 333)]
@@ -26,13 +27,13 @@ def _inputs(dim: int, stride: int, H: int, W: int, B: int = 1, seed: int = 0):
 def test_registry():
     assert {"nearest", "bilinear", "bicubic", "resize_conv", "jbu_stack"} <= set(NAMES)
     with pytest.raises(ValueError, match="jbu_stack"):
-        create_upsampler("jbu_stak", dim=8, stride=16)
+        upsamplers.create("jbu_stak", dim=8, stride=16)
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("stride", [8, 14, 16, 32])
 def test_output_shapes(name, stride):
-    up = create_upsampler(name, dim=4, stride=stride).eval()
+    up = upsamplers.create(name, dim=4, stride=stride).eval()
     for H, W in SIZES:
         feats, img = _inputs(4, stride, H, W)
         with torch.no_grad():
@@ -46,9 +47,9 @@ def test_output_shapes(name, stride):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_config_round_trip(name):
-    up = create_upsampler(name, dim=6, stride=14)
+    up = upsamplers.create(name, dim=6, stride=14)
     cfg = json.loads(json.dumps(up.config()))
-    clone = create_upsampler(**cfg)
+    clone = upsamplers.create(**cfg)
     clone.load_state_dict(up.state_dict(), strict=True)
     feats, img = _inputs(6, 14, 60, 45)
     torch.testing.assert_close(clone.eval()(feats, img), up.eval()(feats, img))
@@ -58,7 +59,7 @@ def test_config_round_trip(name):
 def test_interpolation_baselines_match_f_interpolate(mode):
     feats, img = _inputs(5, 16, 224, 320)
     kw = {} if mode == "nearest" else {"align_corners": False}
-    out = create_upsampler(mode, dim=5, stride=16)(feats, img)
+    out = upsamplers.create(mode, dim=5, stride=16)(feats, img)
     assert torch.equal(out, F.interpolate(feats, (224, 320), mode=mode, **kw))
 
 
@@ -67,7 +68,7 @@ def test_nearest_cell_alignment_non_divisible():
     s, H, W = 14, 230, 333
     h, w = math.ceil(H / s), math.ceil(W / s)
     feats = torch.eye(h * w).view(h * w, h, w)[None]  # channel c = indicator of cell c
-    out = create_upsampler("nearest", dim=h * w, stride=s)(feats, torch.rand(1, 3, H, W))
+    out = upsamplers.create("nearest", dim=h * w, stride=s)(feats, torch.rand(1, 3, H, W))
     ys, xs = torch.arange(H) // s, torch.arange(W) // s
     assert torch.equal(out[0].argmax(0), ys[:, None] * w + xs[None, :])
     assert torch.equal(out.sum(1), torch.ones(1, H, W))
@@ -77,7 +78,7 @@ def test_bilinear_alignment_non_divisible():
     """Bilinear on a non-divisible size = bilinear to the padded extent, then crop (no stretch)."""
     feats, img = _inputs(3, 16, 230, 333)
     padded = F.interpolate(feats, (240, 336), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(create_upsampler("bilinear", 3, 16)(feats, img), padded[..., :230, :333])
+    torch.testing.assert_close(upsamplers.create("bilinear", 3, 16)(feats, img), padded[..., :230, :333])
 
 
 def _jbu_reference(layer: JBULayer, feats: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
@@ -141,18 +142,18 @@ def test_distance_jbu_starts_as_colour_bilateral_filter():
 
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
-    init = create_upsampler("jbu_stack", 8, 14)
+    init = upsamplers.create("jbu_stack", 8, 14)
     feats, img = _inputs(8, 14, 50, 61)
     init.train()(feats, img).square().mean().backward()
     for layer in init.layers:  # zero-initialised learned range features must get a gradient
         assert layer.range_proj[-1].weight.grad.abs().sum() > 0
-    trained = create_upsampler("jbu_stack", 8, 14)
+    trained = upsamplers.create("jbu_stack", 8, 14)
     with torch.no_grad():  # as after a first step: the range MLP's first layer is reached too
         for layer in trained.layers:
             layer.range_proj[-1].weight.normal_(std=0.1)
     for up in (trained,
-               create_upsampler("jbu_stack", 8, 16, kernel_fixup="featup", range_kernel="dot"),
-               create_upsampler("resize_conv", 8, 14)):
+               upsamplers.create("jbu_stack", 8, 16, kernel_fixup="featup", range_kernel="dot"),
+               upsamplers.create("resize_conv", 8, 14)):
         feats, img = _inputs(8, up.stride, 50, 61)
         feats.requires_grad_(True)
         up.train()(feats, img).square().mean().backward()
@@ -201,13 +202,13 @@ def test_mix_commutes_with_the_stack(fixup, residual, last_step):
 
 def test_resize_conv_starts_as_bilinear():
     feats, img = _inputs(5, 14, 100, 130)
-    torch.testing.assert_close(create_upsampler("resize_conv", 5, 14)(feats, img),
-                               create_upsampler("bilinear", 5, 14)(feats, img))
+    torch.testing.assert_close(upsamplers.create("resize_conv", 5, 14)(feats, img),
+                               upsamplers.create("bilinear", 5, 14)(feats, img))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_inputs(name):
-    up = create_upsampler(name, dim=4, stride=16)
+    up = upsamplers.create(name, dim=4, stride=16)
     feats, img = _inputs(4, 16, 64, 80)
     with pytest.raises(ShapeError, match="feats"):
         up(feats[0], img)

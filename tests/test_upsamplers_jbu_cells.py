@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from upfeat.upsamplers import create_upsampler
+from upfeat import upsamplers
 from upfeat.train.scale import feature_loss, scale_crop, scale_loss
 
 
@@ -19,7 +19,7 @@ def _two_regions(H=56, W=84, edge=37):
 @pytest.mark.parametrize("stride,dim,size", [(14, 5, (56, 84)), (8, 3, (40, 33)), (32, 7, (70, 100)),
                                              (16, 1, (16, 16)), (7, 2, (29, 50))])
 def test_any_dim_stride_size(stride, dim, size):
-    up = create_upsampler("jbu_cells", dim=dim, stride=stride)
+    up = upsamplers.create("jbu_cells", dim=dim, stride=stride)
     H, W = size
     feats = torch.randn(2, dim, -(-H // stride), -(-W // stride))
     out = up(feats, torch.rand(2, 3, H, W))
@@ -30,7 +30,7 @@ def test_any_dim_stride_size(stride, dim, size):
 def test_convex_combination_of_cells():
     """Every output is a convex combination of neighbouring cells: constants stay constant, and
     outputs stay inside the range of the cells."""
-    up = create_upsampler("jbu_cells", dim=4, stride=14).eval()
+    up = upsamplers.create("jbu_cells", dim=4, stride=14).eval()
     img = torch.rand(1, 3, 56, 84)
     const = torch.full((1, 4, 4, 6), 3.0)
     torch.testing.assert_close(up(const, img), torch.full((1, 4, 56, 84), 3.0))
@@ -45,24 +45,24 @@ def test_sharper_than_bilinear_at_an_edge():
     s, img = 14, _two_regions()
     truth = torch.where(img[:, :1] > 0.5, 1.0, -1.0)  # (1, 1, H, W)
     feats = F.adaptive_avg_pool2d(truth, (4, 6))  # the cells straddling the edge are mixtures
-    up = create_upsampler("jbu_cells", dim=1, stride=s).eval()
+    up = upsamplers.create("jbu_cells", dim=1, stride=s).eval()
     with torch.no_grad():
         err_any = (up(feats, img) - truth).abs()[..., 28:56]
-        err_bil = (create_upsampler("bilinear", dim=1, stride=s)(feats, img) - truth).abs()[..., 28:56]
+        err_bil = (upsamplers.create("bilinear", dim=1, stride=s)(feats, img) - truth).abs()[..., 28:56]
     assert err_any.mean() < 0.5 * err_bil.mean()
 
 
 def test_state_dict_shared_across_backbones():
-    up = create_upsampler("jbu_cells", dim=384, stride=14)
+    up = upsamplers.create("jbu_cells", dim=384, stride=14)
     other = up.for_backbone(1280, 32)
     assert (other.dim, other.stride) == (1280, 32)
     for (k, a), (_, b) in zip(up.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), k
-    assert create_upsampler(**up.config()).config() == up.config()
+    assert upsamplers.create(**up.config()).config() == up.config()
 
 
 def test_gradients_reach_every_parameter():
-    up = create_upsampler("jbu_cells", dim=3, stride=8)
+    up = upsamplers.create("jbu_cells", dim=3, stride=8)
     out = up(torch.randn(1, 3, 4, 5), torch.rand(1, 3, 32, 40))
     out.pow(2).mean().backward()
     for name, p in up.named_parameters():
@@ -98,7 +98,7 @@ def test_scale_objective_trains_toward_sharp_targets():
     img = torch.from_numpy(np.array(Image.open(path).convert("RGB").resize((128, 128)))).permute(2, 0, 1)
     img = img[None].float() / 255
     torch.manual_seed(0)
-    bb, up = _PoolBackbone(), create_upsampler("jbu_cells", dim=6, stride=8)
+    bb, up = _PoolBackbone(), upsamplers.create("jbu_cells", dim=6, stride=8)
     first = float(scale_loss(up, bb, img, recon_weight=0.1)["loss"].detach())
     opt = torch.optim.Adam(up.parameters(), lr=1e-2)
     for _ in range(15):

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import backbones
+from . import backbones, upsamplers
 from .checkpoint import CheckpointError, in_folder, load_checkpoint, load_module_state, subdict
 from .io import ImageLike, to_tensor
-from .upsamplers import Upsampler, create_upsampler
+from .upsamplers import Upsampler
 from .upsamplers.pretrained import (check_backbone, for_backbone, is_name, list_pretrained,
                                     load_upsampler, resolve_name, weights_file)
 
@@ -125,14 +125,14 @@ def has_shipped_jbu() -> bool:
 
 def load_downsampler(name_or_path: str | os.PathLike[str]) -> nn.Module:
     """The downsampler trained with a checkpoint's upsampler (for reconstruction checks)."""
-    from .downsamplers import create_downsampler
+    from . import downsamplers
     path = resolve(name_or_path)
     tensors, meta = load_checkpoint(path)
     if "downsampler" not in meta:
         raise CheckpointError(f"{path} has no downsampler (trained with the "
                               f"{meta.get('train', {}).get('objective', '?')!r} objective)")
     cfg, bb = dict(meta["downsampler"]), meta["backbone"]
-    down = create_downsampler(cfg.pop("name"), dim=bb["dim"], stride=bb["stride"], **cfg)
+    down = downsamplers.create(cfg.pop("name"), dim=bb["dim"], stride=bb["stride"], **cfg)
     # several backbones: one downsampler each ("downsampler.<i>."); this is the first one's
     prefix = "downsampler.0" if len(meta.get("backbones", [])) > 1 else "downsampler"
     load_module_state(down, subdict(tensors, prefix), "downsampler", path)
@@ -187,7 +187,7 @@ def create_model(backbone: str | nn.Module = "vits14_focus", upsampler: str = "j
         model = load(upsampler, backbone=bb if bb is not None else bb_name)
     elif (r := resolve_name(upsampler)).file is None:  # parameter-free: built by name
         bb = backbones.create(bb_name) if bb is None else bb
-        model = UpFeat(bb, create_upsampler(r.name, dim=bb.dim, stride=bb.stride)).eval()
+        model = UpFeat(bb, upsamplers.create(r.name, dim=bb.dim, stride=bb.stride)).eval()
     else:  # shipped weights (one-line error when not in this install)
         model = load(upsampler, backbone=bb if bb is not None else bb_name)
     return model.to(device) if device is not None else model

@@ -23,7 +23,7 @@ from ..io import ImageReadError, find_images, to_tensor
 from ..inference.jobs import prepare
 from ..model import SHIPPED_JBU, create_model, load
 from ..upsamplers.pretrained import weights_file
-from ..upsamplers import create_upsampler
+from .. import upsamplers
 from ..viz import pca_panels, save_grid
 
 __all__ = ["DEFAULT_BACKBONE", "DemoFigure", "demo_figure"]
@@ -85,7 +85,7 @@ def demo_figure(out: str | os.PathLike[str], images: str | os.PathLike[str],
     names = backbones or [m.config.get("backbone", {}).get("name", "backbone") for m in models]
     kind = getattr(models[0].upsampler, "name", "")
     note(f"{len(files)} photo(s): {', '.join(names)} + bilinear / {kind}, longer side {max_side} px")
-    bilinears = [create_upsampler("bilinear", dim=m.dim, stride=m.stride) for m in models]
+    bilinears = [upsamplers.create("bilinear", dim=m.dim, stride=m.stride) for m in models]
     heads = [["image", f"low-res {n}", "bilinear", "JBU" if kind == "jbu_stack" else kind]
              for n in names]
     result, rows = DemoFigure(Path(out)), []

@@ -1,6 +1,7 @@
 """Name -> entrypoint registry for downsamplers (like timm's ``@register_model``)."""
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
@@ -24,12 +25,12 @@ def register_downsampler(name: str) -> Callable[[EntryFn], EntryFn]:
     return decorator
 
 
-def list_downsamplers() -> list[str]:
-    """Sorted registered names."""
-    return sorted(_ENTRYPOINTS)
+def list_downsamplers(pattern: str = "*") -> list[str]:
+    """Sorted registered names matching a shell-style ``pattern`` (``'att*'``)."""
+    return sorted(n for n in _ENTRYPOINTS if fnmatch.fnmatchcase(n, pattern))
 
 
-def create_downsampler(name: str, dim: int, stride: int, **kwargs) -> Downsampler:
+def create(name: str, dim: int, stride: int, **kwargs) -> Downsampler:
     """Build a downsampler by name.
 
     Args:
@@ -39,7 +40,7 @@ def create_downsampler(name: str, dim: int, stride: int, **kwargs) -> Downsample
         **kwargs: passed to the class (e.g. ``kernel_size``).
 
     Example:
-        >>> create_downsampler("attention", dim=8, stride=16)
+        >>> create("attention", dim=8, stride=16)
         AttentionDownsampler(
           dim=8, stride=16, kernel_size=16
           (saliency): Conv2d(8, 1, kernel_size=(1, 1), stride=(1, 1), bias=False)

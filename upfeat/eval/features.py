@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import ShapeError, UpfeatError, unknown_name
-from ..upsamplers import Upsampler, create_upsampler, load_upsampler, resolve_name
+from .. import upsamplers
+from ..upsamplers import Upsampler, load_upsampler, resolve_name
 from .cache import CachedBackbone
 
 INTERP = ("nearest", "bilinear", "bicubic")
@@ -201,9 +202,9 @@ def resolve(spec: str | nn.Module, backbone: CachedBackbone, label: str | None =
     spec = spec.strip()
     label = label or spec
     if name in INTERP or name in TRAINING_FREE:
-        up = create_upsampler(name, backbone.dim, backbone.stride)
+        up = upsamplers.create(name, backbone.dim, backbone.stride)
     elif name in LARGE:
-        up = create_upsampler("bilinear", backbone.dim, backbone.stride)
+        up = upsamplers.create("bilinear", backbone.dim, backbone.stride)
     elif name == "implicit":
         up = implicit_upsampler(backbone, label)
     else:

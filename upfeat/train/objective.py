@@ -4,11 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..downsamplers import create_downsampler
+from .. import downsamplers, upsamplers
 from ..jitter import View, apply_view
 from ..losses import MultiViewLoss
 from ..losses.projection import project, random_projection
-from ..upsamplers import create_upsampler
 from .config import TrainConfig
 
 
@@ -36,11 +35,12 @@ class MultiViewObjective(nn.Module):
                     stride: int | list[int]) -> MultiViewObjective:
         dims = dim if isinstance(dim, list) else [dim]
         strides = stride if isinstance(stride, list) else [stride]
-        up = create_upsampler(cfg.upsampler, dim=dims[0], stride=strides[0], **cfg.upsampler_kwargs)
+        up = upsamplers.create(cfg.upsampler, dim=dims[0], stride=strides[0],
+                               **cfg.upsampler_kwargs)
         if len(dims) > 1 and not getattr(up, "agnostic", False):
             raise ValueError(f"several backbones need a backbone-agnostic upsampler (e.g. jbu_stack "
                              f"with residual=false), not {cfg.upsampler!r} {cfg.upsampler_kwargs}")
-        downs = [create_downsampler(cfg.downsampler, dim=d, stride=s, **cfg.downsampler_kwargs)
+        downs = [downsamplers.create(cfg.downsampler, dim=d, stride=s, **cfg.downsampler_kwargs)
                  for d, s in zip(dims, strides)]
         crits = [MultiViewLoss(d, proj_dim=cfg.proj_dim, uncertainty=cfg.uncertainty,
                                tv_weight=cfg.tv_weight, crf_weight=cfg.crf_weight,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import cell_conv
-from ..upsamplers import create_upsampler
+from .. import upsamplers
 from ..upsamplers.jbu_cells import CellJBU
 
 
@@ -70,7 +70,7 @@ class ScaleObjective(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, dim: int, stride: int) -> ScaleObjective:
-        up = create_upsampler(cfg.upsampler, dim=dim, stride=stride, **cfg.upsampler_kwargs)
+        up = upsamplers.create(cfg.upsampler, dim=dim, stride=stride, **cfg.upsampler_kwargs)
         return cls(up, cfg.recon_weight)
 
     def forward(self, small: torch.Tensor, feats: torch.Tensor, target: torch.Tensor,

@@ -1,7 +1,7 @@
 """Name -> upsampler class registry (like timm's ``@register_model``).
 
 A checkpoint is a safetensors state dict plus ``upsampler.config()`` saved as JSON; the config
-holds the registered name and every constructor argument, so ``create_upsampler(**config)``
+holds the registered name and every constructor argument, so ``upfeat.upsamplers.create(**config)``
 rebuilds the same module.
 """
 from __future__ import annotations
@@ -43,15 +43,15 @@ def get_upsampler_class(name: str) -> type[Upsampler]:
     return _REGISTRY[name]
 
 
-def create_upsampler(name: str, dim: int, stride: int, **kwargs) -> Upsampler:
+def create(name: str, dim: int, stride: int, **kwargs) -> Upsampler:
     """Build a registered upsampler for ``dim``-channel features of a stride-``stride`` backbone.
 
     Example:
         >>> import torch
-        >>> up = create_upsampler("bilinear", dim=384, stride=14)
+        >>> up = create("bilinear", dim=384, stride=14)
         >>> up(torch.rand(1, 384, 16, 23), torch.rand(1, 3, 224, 320)).shape
         torch.Size([1, 384, 224, 320])
-        >>> create_upsampler(**up.config()).config() == up.config()
+        >>> create(**up.config()).config() == up.config()
         True
     """
     return get_upsampler_class(name)(dim=dim, stride=stride, **kwargs)

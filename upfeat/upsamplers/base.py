@@ -99,7 +99,8 @@ class Upsampler(nn.Module):
         self._cfg = dict(cfg)
 
     def config(self) -> dict:
-        """JSON-serialisable constructor arguments: ``create_upsampler(**config())`` rebuilds it."""
+        """JSON-serialisable constructor arguments: ``upfeat.upsamplers.create(**config())``
+        rebuilds it."""
         return {"name": self.name, "dim": self.dim, "stride": self.stride, **self._cfg}
 
     def geometry(self, feats: torch.Tensor, image: torch.Tensor,

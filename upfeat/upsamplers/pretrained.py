@@ -27,7 +27,7 @@ from torch import nn
 
 from .._checks import unknown_name
 from ..checkpoint import CheckpointError, load_checkpoint, load_module_state, subdict
-from ._registry import create_upsampler, list_upsamplers
+from ._registry import create, list_upsamplers
 from .base import Upsampler
 
 __all__ = ["ALIASES", "LEGACY", "PARAMETER_FREE", "Resolved", "WEIGHTS", "check_backbone",
@@ -104,7 +104,7 @@ def weights_file(spec: str | os.PathLike[str]) -> Path:
     r = resolve_name(LEGACY.get(spec, spec))
     if r.file is None:
         raise ValueError(f"upsampler {r.name!r} has no weights to load; build it with "
-                         f"create_upsampler({r.name!r}, dim, stride)")
+                         f"upfeat.upsamplers.create({r.name!r}, dim, stride)")
     if not r.file.is_file():
         raise CheckpointError(f"the shipped weights {spec!r} ({r.name}:{r.tag}) are not in this "
                               f"install ({r.file} is missing); train one with `upfeat train` "
@@ -122,7 +122,7 @@ def load_upsampler(spec: str | os.PathLike[str]) -> tuple[Upsampler, dict]:
                               f"in its config)")
     try:
         with torch.random.fork_rng(devices=[]):  # loading never moves the caller's RNG
-            up = create_upsampler(**meta["upsampler"])
+            up = create(**meta["upsampler"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot build its upsampler {meta['upsampler']}: {e}") from None
     load_module_state(up, subdict(tensors, "upsampler"), "upsampler", path)

@@ -60,7 +60,7 @@ def resolve_backbone(backbone: object) -> torch.nn.Module:
 def base_upsampler(kind: str, backbone: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
     """The upsampler a schedule's ``base`` names for ``backbone``, and its label."""
     from ...checkpoint import CheckpointError
-    from .. import create_upsampler
+    from ... import upsamplers
     from ..pretrained import shipped_upsampler
     if kind == "none":
         return None, "none"
@@ -69,7 +69,7 @@ def base_upsampler(kind: str, backbone: torch.nn.Module) -> tuple[torch.nn.Modul
             return shipped_upsampler("jbu", backbone), "jbu"
         except CheckpointError:  # the shipped JBU is not in this install: fall back to bilinear
             pass
-    return create_upsampler("bilinear", dim=backbone.dim, stride=backbone.stride), "bilinear"
+    return upsamplers.create("bilinear", dim=backbone.dim, stride=backbone.stride), "bilinear"
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ...downsamplers import Downsampler, create_downsampler
+from ... import downsamplers
+from ...downsamplers import Downsampler
 from ...jitter import warp_thetas
 from ...losses import MultiViewLoss, tv_loss
 from ...losses.projection import random_projection
@@ -59,7 +60,7 @@ def _levels(field: ImplicitFeatures, stride: int, sched: Schedule) -> list[_Leve
     out = []
     for f in ((2, 1) if sched.coarse > 0 and stride % 2 == 0 else (1,)):
         h, w, s = -(-H // f), -(-W // f), stride // f
-        down = create_downsampler(sched.downsampler, field.pca.k, s,
+        down = downsamplers.create(sched.downsampler, field.pca.k, s,
                                   kernel_size=max(1, round(sched.kernel * s))).to(dev)
         out.append(_Level(pixel_centres((h, w), (H, W), dev), (h, w), down, jitter=f > 1))
     return out
