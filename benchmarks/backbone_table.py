@@ -1,4 +1,5 @@
-"""The README's backbone x upsampler table, from the ``eval_table.py`` runs of each backbone.
+"""The backbone x upsampler table of docs/results.md, from the ``eval_table.py`` runs of each
+backbone.
 
     for b in vits14_focus mobilenetv2 efficientnet_lite0 vgg16_hed; do
         python benchmarks/eval_table.py --backbone $b --rows nearest,bilinear,jbu ...; done

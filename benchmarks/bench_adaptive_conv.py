@@ -8,7 +8,7 @@ forward+backward median of ``--repeats`` runs after a warm-up, and peak extra re
     python benchmarks/bench_adaptive_conv.py            # full run (~10 min, mostly the reference)
     python benchmarks/bench_adaptive_conv.py --sizes 56 112 --skip-reference   # quick look
 
-Writes benchmarks/results/adaptive_conv.json and .md (the README table).
+Writes benchmarks/results/adaptive_conv.json and .md (the table in docs/results.md).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_implicit.py --estimate   # time one image per schedule, predict the run
     python benchmarks/bench_implicit.py              # fit (cached), probe, write results
-    # the README's run: fits on both cores first, then the table
+    # the run in docs/results.md: fits on both cores first, then the table
     python benchmarks/bench_implicit.py --ablation --fit-shard 0/2 &
     python benchmarks/bench_implicit.py --ablation --fit-shard 1/2; wait
     python benchmarks/bench_implicit.py --ablation
@@ -15,7 +15,7 @@ default 4) of the N images only; every other row covers all N, and every compari
 reference is made on those R images (paired). Fits are cached (``--cache``, one safetensors per
 image and schedule, with the wall time measured when it was fitted), so the run can be split.
 Writes ``implicit.json``, ``implicit.md`` and ``implicit.png`` (two val images, every row's
-features in PCA colours; it shows CamVid images, CC BY-NC, so git ignores it; the README's figure
+features in PCA colours; it shows CamVid images, CC BY-NC, so git ignores it; the docs' figure
 is ``benchmarks/fig_implicit.py``'s).
 
 Rows: ``bilinear``; ``jbu`` (``upfeat.load("vits14_focus_jbu")``, skipped with the reason when it

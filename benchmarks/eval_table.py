@@ -1,4 +1,5 @@
-"""Reproduce the README evaluation tables: linear probes on a backbone's features.
+"""Reproduce the evaluation tables of docs/results.md: linear probes on a backbone's
+features.
 
     python benchmarks/eval_table.py                          # vits14_focus (CamVid seg + DAVIS fg/bg)
     python benchmarks/eval_table.py --backbone mobilenetv2   # any registered backbone

@@ -1,5 +1,5 @@
-"""The README's implicit-upsampler figure, on sample photos whose licences allow it (CamVid's
-CC BY-NC does not: the benchmark's CamVid figure is regenerated locally, not committed).
+"""The implicit-upsampler figure of docs/results.md, on sample photos whose licences allow it
+(CamVid's CC BY-NC does not: the benchmark's CamVid figure is regenerated locally, not committed).
 
     python benchmarks/fig_implicit.py      # -> docs/figures/implicit.jpg, ~2 min per photo, 1 core
 

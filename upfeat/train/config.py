@@ -97,7 +97,7 @@ class TrainConfig:
     accelerator: str = opt("cpu, cuda, auto.", "auto")
     devices: int | str = opt("Processes/GPUs per node (int or 'auto').", 1)
     strategy: str = opt("auto, ddp, ddp_spawn, fsdp, ...", "auto")
-    num_nodes: int = opt("Nodes (multi-node DDP; see README 'Training on a cluster').", 1)
+    num_nodes: int = opt("Nodes (multi-node DDP; see docs/cli.md, 'Large datasets and clusters').", 1)
     precision: str = opt("32-true, bf16-mixed, 16-mixed.", "32-true")
     ckpt_every: int = opt("Steps between checkpoints.", 100)
     log_every: int = opt("Steps between metrics.csv rows.", 1)

@@ -201,7 +201,7 @@ class JBUStack(Upsampler):
             RGB, ``σ_spatial = 0.5·r`` pixels of the step's grid). FeatUp's own choice,
             ``range_kernel="dot", temperature=1, sigma=1``, starts as a near-isotropic blur with a
             weak random range kernel that training barely sharpens: on a CamVid linear probe it
-            stayed below bilinear (see README, "Training").
+            stayed below bilinear (docs/method.md).
         residual_dropout: Dropout2d before the final 1x1 conv.
         last_step: ``"jbu"`` or ``"resize"`` (see above).
         residual: ``False`` drops the ``dim x dim`` conv, the only feature-specific part: the

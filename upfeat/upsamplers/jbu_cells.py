@@ -2,7 +2,7 @@
 
 The shipped any-backbone JBU is :class:`~upfeat.upsamplers.JBUStack` with ``residual=False``;
 this one is the alternative the scale objective (:mod:`upfeat.train.scale`) trains. On the
-development probes it has not beaten that stack yet (README, "Training").
+development probes it has not beaten that stack yet (docs/results.md).
 
 :class:`CellJBU` gives every output pixel a convex combination of the ``k x k`` low-res cells
 around its own cell (:func:`upfeat.ops.cell_kernel` / :func:`~upfeat.ops.cell_conv`, Kopf et al.'s
