@@ -28,7 +28,7 @@ from .cam import cam_faithfulness, fit_presence, presence_accuracy
 from .datasets import PixelDataset, auto_size, open_dataset, subset
 from .features import FeatureSource, UpsamplerUnavailable, parse_spec, resolve, split_specs
 from .metrics import BOUNDARY_D
-from .probe import LinearProbe, ProbeConfig, run_probe
+from .probe import ProbeConfig, run_probe
 
 Log = Callable[[str], None]
 Specs = str | Sequence[str | nn.Module]

@@ -72,8 +72,10 @@ class MultiViewObjective(nn.Module):
         # upsampling (``mix``): it then upsamples those few channels, not C.
         proj = (None if p is None else random_projection(crit.dim, p, generator,
                                                          device=lr_feats.device, dtype=lr_feats.dtype))
-        with torch.no_grad():  # does this downsampler have guidance maps? (one-pixel probe)
-            guided = proj is not None and down.guidance(lr_feats[:, :, :1, :1]) is not None
+        with torch.no_grad():  # how many guidance maps has this downsampler? (one-pixel probe)
+            probe = None if proj is None else down.guidance(lr_feats[:, :, :1, :1])
+        n_guide = 0 if probe is None else probe.shape[1]
+        guided = n_guide > 0
 
         def maps(hr: torch.Tensor) -> torch.Tensor:
             if proj is None:
@@ -84,7 +86,7 @@ class MultiViewObjective(nn.Module):
             z = ups(lr_feats, image, mix=maps)
         else:
             z = maps(ups(lr_feats, image))
-        c = z.shape[1] - int(guided)
+        c = z.shape[1] - n_guide
         guide = z[:, c:] if guided else None
         crf = crit.crf_weight > 0
         total: dict[str, torch.Tensor] = {}

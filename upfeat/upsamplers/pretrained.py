@@ -101,7 +101,7 @@ def weights_file(spec: str | os.PathLike[str]) -> Path:
     """
     if not is_name(spec):
         return Path(spec)
-    r = resolve_name(LEGACY.get(spec, spec))
+    r = resolve_name(spec)  # maps LEGACY names too
     if r.file is None:
         raise ValueError(f"upsampler {r.name!r} has no weights to load; build it with "
                          f"upfeat.upsamplers.create({r.name!r}, dim, stride)")
