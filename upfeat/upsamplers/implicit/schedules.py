@@ -139,11 +139,11 @@ REFERENCE = Schedule("reference", pool=3000, pca_views=50, steps=1200, views=10,
 # - 64 backbone views, not 3000; with 32 the field learns patterns periodic in the token grid;
 # - the un-jittered view is in every step ("anchor"): +1.5 mIoU (transfer probe), +0.4 (own).
 # Cost (issue 16; benchmarks/results/implicit_224): 128 views, 300 steps x 8 views, 30
-# frequencies in float32 took 108 s of CPU per 224 x 294 image. Now: 64 views and 150 steps x 4
-# views (the base does most of the work: 150 steps lost 0.3 mIoU on probe B at 112 x 154), 15
-# frequencies (the encoding and its LayerNorm were a third of a step), backbone and MLP products
-# in bfloat16 where the CPU has it (2.7x faster backbone views).
-FAST = Schedule("fast", pool=64, pca_views=32, steps=150, views=4, lr=5e-3, optimizer="adam",
+# frequencies in float32 took 108 s of CPU per 224 x 294 image. Now: 64 views and 120 steps x 4
+# views (the base does most of the work: 150 steps instead of 300 lost 0.3 mIoU on probe B at
+# 112 x 154), 15 frequencies (the encoding and its LayerNorm were a third of a step), backbone
+# and MLP products in bfloat16 where the CPU has it (2.7x faster backbone views).
+FAST = Schedule("fast", pool=64, pca_views=32, steps=120, views=4, lr=5e-3, optimizer="adam",
                 decay="cosine", warmup=10, proj_dim=32, tv_weight=0.05, coarse=1.0,
                 sigma_warmup=0.7, anchor=True, base="jbu", dropout=0.0, n_freqs=15,
                 log_max=4.5, bf16=True)
