@@ -8,7 +8,7 @@ Rows: nearest, bilinear, bicubic, resize_conv, large_image, upsample_anything, j
 ``upsample_anything`` is the training-free peer (arXiv 2511.16301), fitted on every train and eval
 image (50 Adam steps; see ``benchmarks/results/upsample_anything.md`` for its cost). ``implicit`` is
 accepted too (skipped with a note when ``upfeat.upsamplers.implicit`` is absent), but it fits one
-network per train and eval image (its fast schedule: ~5 CPU-minutes per 224 x 294 image on one
+network per train and eval image (its fast schedule: ~25 CPU-seconds per 224 x 294 image on one
 thread), far beyond this budget on a CPU: use it with small ``--camvid-train`` / ``--camvid-eval``.
 
 - ``jbu``: the shipped backbone-agnostic JBU (``--jbu PATH`` for another); skipped with a note if

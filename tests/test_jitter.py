@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from upfeat._checks import ShapeError
-from upfeat.jitter import View, apply_view, invert_view, sample_views, view_mask
+from upfeat.jitter import View, apply_view, invert_view, sample_views, view_mask, warp_thetas
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -113,6 +113,23 @@ def test_sample_views_reproducible_and_in_range():
     never = sample_views(20, torch.Generator().manual_seed(0), (8, 8), zoom_prob=0, flip_prob=0,
                          max_pad=0)
     assert all(v.is_identity for v in never)
+
+
+def test_shared_input_warp_matches_per_view_warp():
+    # One input, n views: sampled on one stacked grid; must equal n independent grid_samples,
+    # values and the input's gradient.
+    x = _img(seed=3)[:1].requires_grad_(True)
+    views = [View()] + sample_views(4, torch.Generator().manual_seed(1), (32, 48), max_pad=5)
+    thetas = torch.stack([v.theta() for v in views])
+    gy = torch.randn(5, 3, 32, 48, generator=torch.Generator().manual_seed(2))
+    out = warp_thetas(x, thetas)
+    (g,) = torch.autograd.grad(out, x, gy)
+    grid = F.affine_grid(thetas, [5, 1, 32, 48], align_corners=False)
+    want = F.grid_sample(x.expand(5, -1, -1, -1), grid, padding_mode="reflection",
+                         align_corners=False)
+    (g_want,) = torch.autograd.grad(want, x, gy)
+    torch.testing.assert_close(out, want, **TOL)
+    torch.testing.assert_close(g, g_want, **TOL)
 
 
 def test_dtype_and_grad_pass_through():

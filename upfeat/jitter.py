@@ -136,6 +136,12 @@ def warp_thetas(x: torch.Tensor, thetas: torch.Tensor,
     n = thetas.shape[0]
     out = tuple(x.shape[-2:]) if output_size is None else tuple(output_size)
     grid = F.affine_grid(thetas.to(x.dtype), [n, 1, *out], align_corners=False)
+    if x.shape[0] == 1 and n > 1:
+        # One shared input: sample it once on the n grids stacked as one tall grid. Through
+        # x.expand(n) the backward would zero and sum n input-sized gradients instead of one.
+        y = F.grid_sample(x, grid.reshape(1, n * out[0], out[1], 2), mode=mode,
+                          padding_mode=padding_mode, align_corners=False)
+        return y.view(x.shape[1], n, *out).transpose(0, 1)
     return F.grid_sample(x.expand(n, -1, -1, -1), grid, mode=mode, padding_mode=padding_mode,
                          align_corners=False)
 

@@ -27,7 +27,7 @@ UpsamplerOpt = Annotated[str, typer.Option(
     help="Comma-separated specs: nearest, bilinear, bicubic, upsample_anything (training-free, "
          "fitted per image), large_image (backbone on the 2x "
          "image), large_image4, jbu (the shipped <backbone>_jbu), implicit (one fit per image, "
-         "~5 CPU-minutes each), or jbu=CHECKPOINT / resize_conv=CHECKPOINT (a checkpoint file or "
+         "~25 CPU-seconds each), or jbu=CHECKPOINT / resize_conv=CHECKPOINT (a checkpoint file or "
          "an `upfeat train` run folder).")]
 SizeOpt = Annotated[Optional[tuple[int, int]], typer.Option(
     help="Evaluation size H W (images and targets are resized); default 224 high, width the "

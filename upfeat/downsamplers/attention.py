@@ -32,6 +32,8 @@ def attention_downsample(hr: torch.Tensor, weights: torch.Tensor, stride: int) -
     Memory: the window is split into ``ceil(k/s)²`` blocks of ``s x s`` taps; for each block the
     features are only *viewed* as ``(B, C, h, s, w, s)`` and contracted with the block's weights,
     so no ``(B, C, k*k, h, w)`` tensor is built (intermediates are about the size of ``hr``).
+    The contraction is a broadcast product and a sum, not an ``einsum``: that one becomes
+    ``B*h*w`` tiny matrix products behind two layout copies, twice as slow forward and backward.
 
     Example:
         >>> wts = torch.full((1, 16, 16, 2, 3), 1 / 256)
@@ -50,7 +52,8 @@ def attention_downsample(hr: torch.Tensor, weights: torch.Tensor, stride: int) -
         for c in range(nb):
             block = x[:, :, a * s:a * s + h * s, c * s:c * s + w * s]
             block = block.unflatten(2, (h, s)).unflatten(4, (w, s))  # views, no copy
-            term = torch.einsum("bchuwv,buvhw->bchw", block, wt[:, a, :, c])
+            wb = wt[:, a, :, c].permute(0, 3, 1, 4, 2).unsqueeze(1)   # (B, 1, h, s, w, s)
+            term = (block * wb).sum((3, 5))
             out = term if out is None else out + term
     return out
 

@@ -17,7 +17,7 @@ Spec forms (comma-separated lists go through :func:`split_specs`):
   ``resize_conv=runs/rc``. An untrained ``resize_conv`` equals bilinear, so it is never built
   implicitly.
 - ``implicit``: the per-image implicit upsampler, ``upfeat.upsamplers.implicit.fit_implicit``,
-  fitted on every image it is asked for (fast schedule: ~5 CPU-minutes per 224 x 294 image);
+  fitted on every image it is asked for (fast schedule: ~25 CPU-seconds per 224 x 294 image);
   :class:`UpsamplerUnavailable` when that module cannot be imported.
 - an :class:`~upfeat.upsamplers.Upsampler` or :class:`PerImageFit` object (tests, notebooks,
   e.g. ``implicit_upsampler(bb, steps=50)``), or a module with ``.backbone`` and ``.upsampler``

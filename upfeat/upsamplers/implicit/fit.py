@@ -72,6 +72,14 @@ def base_upsampler(kind: str, backbone: torch.nn.Module) -> tuple[torch.nn.Modul
     return upsamplers.create("bilinear", dim=backbone.dim, stride=backbone.stride), "bilinear"
 
 
+def bf16_fast(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products are faster than float32 on ``device`` (CPU: oneDNN with
+    native bfloat16, e.g. AVX512-BF16 or AMX; elsewhere emulated bfloat16 is slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 @torch.no_grad()
 def _base_codes(up: torch.nn.Module, bb: torch.nn.Module, img: torch.Tensor,
                 pca) -> torch.Tensor:
@@ -138,8 +146,9 @@ def fit_implicit(image: torch.Tensor, backbone: torch.nn.Module | str, *,
     g = torch.Generator().manual_seed(seed)
     pad = round(sched.max_pad * min(H, W))
     pool = [View()] + sample_views(sched.pool - 1, g, (H, W), max_zoom=sched.max_zoom, max_pad=pad)
+    bf16 = sched.bf16 and bf16_fast(dev)
     pca, thetas, targets = view_pool(img, bb, pool, sched.pca_views, pca_dim,
-                                     None if init is None else init.pca.to(dev), progress)
+                                     None if init is None else init.pca.to(dev), progress, bf16)
     t1, c1 = time.perf_counter(), time.process_time()
     if init is not None and init.base is None:
         base, base_name = None, "none"  # its network was fitted alone: continue without a base
@@ -159,12 +168,12 @@ def fit_implicit(image: torch.Tensor, backbone: torch.nn.Module | str, *,
             mlp = copy.deepcopy(init.mlp)
             mlp.dropout = sched.dropout
         field = ImplicitFeatures(mlp, pca, img, base=codes).to(dev).train()
-        last = train(field, bb.stride, thetas, targets, sched, g, progress)
+        last = train(field, bb.stride, thetas, targets, sched, g, progress, bf16)
     field.eval()
     t2, c2 = time.perf_counter(), time.process_time()
     name = getattr(getattr(bb, "cfg", None), "name", type(bb).__name__)
     field.meta = {"backbone": {"name": name, "stride": bb.stride, "dim": bb.dim},
-                  "schedule": sched.to_dict(), "seed": seed, "base": base_name,
+                  "schedule": sched.to_dict(), "seed": seed, "base": base_name, "bf16": bf16,
                   "fit": {"seconds": {"views": t1 - t0, "steps": t2 - t1, "total": t2 - t0},
                           # CPU time of this process: less sensitive to other jobs on the machine
                           "cpu_seconds": {"views": c1 - c0, "steps": c2 - c1, "total": c2 - c0},

@@ -81,8 +81,9 @@ def _transfer(src: Downsampler, dst: Downsampler) -> None:
 
 
 def train(field: ImplicitFeatures, stride: int, thetas: torch.Tensor, targets: torch.Tensor,
-           sched: Schedule, g: torch.Generator, progress: bool) -> dict:
-    """The optimisation loop; returns the last logged loss terms."""
+           sched: Schedule, g: torch.Generator, progress: bool, bf16: bool = False) -> dict:
+    """The optimisation loop; returns the last logged loss terms. ``bf16``: the MLP's hidden
+    layers under bfloat16 autocast (their matrix products; norms stay float32)."""
     k, dev = field.pca.k, field.image.device
     levels = _levels(field, stride, sched)
     p = None if sched.proj_dim is None else min(sched.proj_dim, k)
@@ -109,7 +110,7 @@ def train(field: ImplicitFeatures, stride: int, thetas: torch.Tensor, targets: t
         proj = (torch.eye(k, device=dev) if p is None
                 else random_projection(k, p, g, device=dev, dtype=level.xy.dtype))
         out = _loss(field, level, crits[int(step >= n_fixed_sigma)], thetas[idx], targets[idx],
-                    proj, p is not None, sched.tv_weight, g)
+                    proj, p is not None, sched.tv_weight, g, bf16)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -121,11 +122,12 @@ def train(field: ImplicitFeatures, stride: int, thetas: torch.Tensor, targets: t
 
 def _loss(field: ImplicitFeatures, level: _Level, crit: MultiViewLoss, thetas: torch.Tensor,
           targets: torch.Tensor, proj: torch.Tensor, projected: bool, tv_weight: float,
-          g: torch.Generator) -> dict[str, torch.Tensor]:
+          g: torch.Generator, bf16: bool = False) -> dict[str, torch.Tensor]:
     """Multi-view loss of ``V`` views (``thetas (V, 2, 3)``, ``targets (V, k, h', w')``) + TV."""
     mlp, (h, w), k = field.mlp, level.size, field.pca.k
     x, angles, base, thetas = level.inputs(field, thetas, g)
-    hid = mlp.hidden(x, angles)                                     # (h*w, hidden)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        hid = mlp.hidden(x, angles).float()                         # (h*w, hidden)
     # Project the last layer instead of its output (c (+ 1) columns instead of k): the random
     # projection and the attention downsampler's saliency are both linear maps of the codes.
     sal = getattr(level.down, "saliency", None)

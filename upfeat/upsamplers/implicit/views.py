@@ -13,11 +13,13 @@ BACKBONE_BATCH = 16  # views per backbone call while building the pool
 @torch.no_grad()
 def view_pool(image: torch.Tensor, backbone: torch.nn.Module, views: list[View],
               pca_views: int, k: int, pca: FeaturePCA | None = None,
-              progress: bool = False) -> tuple[FeaturePCA, torch.Tensor, torch.Tensor]:
+              progress: bool = False, bf16: bool = False
+              ) -> tuple[FeaturePCA, torch.Tensor, torch.Tensor]:
     """Backbone features of every view, as PCA codes.
 
     Returns ``(pca, thetas (P, 2, 3), codes (P, k, h, w))``; the PCA is fitted on the first
     ``pca_views`` views unless given. Only codes are kept, so memory is ``k / C`` of the features.
+    ``bf16``: run the backbone under bfloat16 autocast (features returned as float32).
     """
     dev = image.device
     thetas = torch.stack([v.theta(dtype=torch.float32) for v in views]).to(dev)
@@ -25,7 +27,9 @@ def view_pool(image: torch.Tensor, backbone: torch.nn.Module, views: list[View],
     chunks, feats = [], []
     bar = tqdm(total=len(views), desc="backbone views", disable=not progress, leave=False)
     for i in range(0, len(views), BACKBONE_BATCH):
-        f = backbone(warp_thetas(image, thetas[i:i + BACKBONE_BATCH]).clamp_(0, 1)).float()
+        x = warp_thetas(image, thetas[i:i + BACKBONE_BATCH]).clamp_(0, 1)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
+            f = backbone(x).float()
         bar.update(f.shape[0])
         if pca is None:  # keep full features until the PCA views are in, then encode
             feats.append(f)
