@@ -111,3 +111,24 @@ def test_errors():
         jbu_kernel(torch.randn(1, 3, 8, 8), float("inf"), 1.0)
     with pytest.raises(TypeError, match="floating-point"):
         jbu_kernel(torch.ones(1, 3, 8, 8, dtype=torch.uint8), 1.0, 1.0)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_sharp_kernel_has_no_subnormal_taps(backend):
+    """Under the shipped JBU's sharpness (distance kernel, temperature 400) colour differences
+    make far taps underflow; they must be exact zeros, not subnormals (10x slower products on
+    CPU), and the rows still sum to 1 and match the reference."""
+    # A colour ramp, 0.2 per pixel in each channel: logits -400 * 3 * (0.2 dj)² / 2 = -24 dj², so
+    # taps 2 columns away (about -96) fall in float32's subnormal range, 3 away underflow to 0.
+    g = (0.2 * (torch.arange(16.0) - 7.5)).expand(1, 3, 16, 16).clone()
+    g += 0.01 * torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    w = jbu_kernel(g, 400.0, 0.5, k=7, backend=backend, range_kernel="distance")
+    tiny = torch.finfo(w.dtype).tiny
+    assert not ((w > 0) & (w < tiny)).any()
+    assert (w == 0).any()  # the ramp does cut taps off
+    torch.testing.assert_close(w.sum((-1, -2)), torch.ones(1, 16, 16))
+    ref = jbu_kernel_reference(g, 400.0, 0.5, k=7, range_kernel="distance")
+    assert ((ref > 0) & (ref < tiny)).any()  # the plain formula does produce subnormals here
+    # Against float64 (logits of ~1e3 carry ~1e-4 of float32 rounding into the weights).
+    ref64 = jbu_kernel_reference(g.double(), 400.0, 0.5, k=7, range_kernel="distance").float()
+    torch.testing.assert_close(w, ref64, rtol=1e-3, atol=1e-6)
