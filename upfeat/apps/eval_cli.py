@@ -37,6 +37,7 @@ CacheMbOpt = Annotated[float, typer.Option(help="In-memory backbone-feature cach
 MaxTrainOpt = Annotated[Optional[int], typer.Option(help="Use only this many evenly spaced train images.")]
 MaxEvalOpt = Annotated[Optional[int], typer.Option(help="Use only this many evenly spaced eval images.")]
 CacheDirOpt = Annotated[Optional[Path], typer.Option(help="Also cache backbone features as safetensors here.")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 
 def _run(fn, **kwargs) -> dict:
@@ -75,7 +76,7 @@ def probe(
     max_eval_images: MaxEvalOpt = None,
     cache_mb: CacheMbOpt = 2048,
     cache_dir: CacheDirOpt = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Linear probe (1x1 conv) on upsampled features: train on 'train', report on --split.
 
@@ -107,7 +108,7 @@ def cam(
     max_eval_images: MaxEvalOpt = None,
     cache_mb: CacheMbOpt = 2048,
     cache_dir: CacheDirOpt = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """CAM faithfulness: Average Drop / Average Increase of CAMs made from upsampled features."""
     from ..eval.suite import cam_suite
