@@ -26,8 +26,11 @@ thread), far beyond this budget on a CPU: use it with small ``--camvid-train`` /
 Protocol (:mod:`upfeat.eval.probe`, identical for every row): evenly spaced train images
 (``--camvid-train`` of 367 CamVid, ``--davis-train`` of the 95 frames of the 7 DAVIS train
 sequences), 1500 random non-void pixels per train image (seed 0), standardised features, full-batch
-L-BFGS from zero for ``--max-iter`` iterations with the per-task weight decay (seg 1e-4, fg/bg
-0.1; how both were chosen: :mod:`upfeat.eval.probe`), then every pixel of the eval images (all
+L-BFGS from zero for ``--max-iter`` iterations with a weight decay chosen per backbone and
+dataset from 1e-4 / 1e-3 / 1e-2 / 0.1 by 3-fold cross-validation over the *train* sequences on
+bilinear features, then fixed for every row (:mod:`upfeat.eval.cv`; ``--weight-decay default``:
+the fixed seg 1e-4 / fg-bg 0.1 chosen once for the ViT, :mod:`upfeat.eval.probe`; one fixed value
+made the DAVIS probe nearly degenerate on the CNNs), then every pixel of the eval images (all
 101 CamVid val images; ``--davis-eval`` of the 99 frames of the 7 DAVIS val sequences). Backbone
 features are computed once per image and size and shared by all rows; each row computes its
 upsampled features once per image (the figures reuse them).
@@ -141,6 +144,10 @@ def main() -> int:
     p.add_argument("--davis-train", type=int, default=48, help="DAVIS train frames (of 95)")
     p.add_argument("--davis-eval", type=int, default=48, help="DAVIS val frames (of 99)")
     p.add_argument("--max-iter", type=int, default=200, help="L-BFGS iterations of every probe")
+    p.add_argument("--weight-decay", default="cv",
+                   help="probe weight decay: 'cv' (default: per backbone and dataset, by "
+                        "cross-validation over train sequences on bilinear features), 'default' "
+                        "(seg 1e-4, fg/bg 0.1) or a number")
     p.add_argument("--backbone", default="vits14_focus", help="registered backbone name")
     p.add_argument("--jbu", default=None, help="checkpoint of the 'jbu' row (default: the shipped one)")
     p.add_argument("--resize-conv", type=Path, default=RC_DEFAULT,
@@ -151,6 +158,9 @@ def main() -> int:
     p.add_argument("--show", type=int, default=3, help="images in each qualitative figure")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default benchmarks/results, /<backbone> for the others)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the results of datasets not in --datasets from --out/eval_table.json "
+                        "(an earlier run; noted in the table)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args()
 
@@ -170,6 +180,8 @@ def main() -> int:
     if args.out is None:  # one folder per backbone, the default one's at the top
         args.out = OUT if args.backbone == "vits14_focus" else OUT / args.backbone
 
+    wd = None if args.weight_decay == "default" else (
+        "cv" if args.weight_decay == "cv" else float(args.weight_decay))
     bb = CachedBackbone(upfeat.backbones.create(args.backbone), FeatureCache(memory_mb=3072))
     counts = {"camvid": (args.camvid_train, args.camvid_eval), "davis": (args.davis_train, args.davis_eval)}
     results = {}
@@ -178,6 +190,7 @@ def main() -> int:
         print(f"== {name} {SIZES[name]}: {', '.join(specs)}", flush=True)
         results[name] = probe_suite(DATA / name, specs, backbone=bb, size=SIZES[name],
                                     out=args.out, max_iter=args.max_iter, show=args.show,
+                                    weight_decay=wd,
                                     max_train=counts[name][0], max_eval=counts[name][1],
                                     progress=args.progress, log=print)
         seconds[name] = time.perf_counter() - t
@@ -193,13 +206,24 @@ def main() -> int:
     total = time.perf_counter() - t0
 
     notes = sorted({n for res in [*results.values(), cam] if res for n in res["notes"]})
+    if args.merge and (args.out / "eval_table.json").is_file():
+        earlier = json.loads((args.out / "eval_table.json").read_text())
+        for k, v in earlier["results"].items():
+            if k not in results:
+                results[k] = {**v, "notes": []}
+                notes.append(f"{k}: kept from the earlier run in {args.out / 'eval_table.json'} "
+                             f"(weight decay {v['meta']['weight decay']:g}, "
+                             f"{v['meta']['seconds'] / 60:.1f} min)")
+        results = {k: results[k] for k in SIZES if k in results}
     setup = "; ".join(f"{k}: {v['meta']['train images']} train / {v['meta']['eval images']} eval "
                       f"images at {v['meta']['size (H, W)'][0]}x{v['meta']['size (H, W)'][1]}"
                       for k, v in results.items())
+    decays = " / ".join(f"{k} {v['meta']['weight decay']:g}" for k, v in results.items())
     md = [f"# upfeat evaluation: {args.backbone}, linear probes", "",
           combined_table(results), "",
           f"{setup}; 1500 px per train image, seed 0, {args.max_iter} L-BFGS iterations, weight "
-          f"decay seg 1e-4 / fg-bg 0.1; rows: "
+          f"decay {decays}"
+          f"{' (cross-validated on train sequences, bilinear features)' if wd == 'cv' else ''}; rows: "
           f"{', '.join(specs)}; torch threads: {torch.get_num_threads()}; total "
           f"{total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f} min' for k, v in seconds.items())}). "
           f"Row times exclude the shared backbone pass.", *(f"- {n}" for n in notes)]

@@ -117,11 +117,14 @@ def test_probe_davis_detects_fgbg(data_dir, focus_ok, tmp_path):
     r = _run("probe", "--data", str(data_dir / "davis"), "--upsampler", "bilinear",
              "--out", str(tmp_path), "--max-train-images", "4", "--max-eval-images", "2",
              "--pixels-per-image", "300", "--size", "112", "196", "--max-iter", "30",
-             "--no-progress")
+             "--weight-decay", "cv", "--no-progress")
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "eval_fgbg_davis_val.json").read_text())
-    m = data["rows"][0]["metrics"]
+    m, meta = data["rows"][0]["metrics"], data["meta"]
     assert data["task"] == "fgbg" and 0 < m["fg_iou"] < 1
+    scores = meta["weight decay CV (bilinear, train split)"]  # chosen: the best CV score
+    assert len(scores) == 4 and scores[str(meta["weight decay"])] == max(scores.values())
+    assert f"weight decay {meta['weight decay']:g} by cross-validation" in r.output
     assert 0 <= m["fg_iou_d3"] <= 1 and 0 < m["pixels_d3"] < m["pixels_d8"] < m["pixels"]
 
 
@@ -140,6 +143,8 @@ def test_cam_camvid(data_dir, focus_ok, tmp_path):
     (["--upsampler", "bilinar"], "Did you mean: bilinear"),
     (["--task", "depth"], "--task depth does not fit"),
     (["--size", "0", "10"], "size must be (height, width)"),
+    (["--weight-decay", "lots"], "--weight-decay must be a number >= 0 or 'cv', got 'lots'"),
+    (["--weight-decay", "-1"], "--weight-decay must be a number >= 0 or 'cv', got '-1'"),
     (["--split", "nosuch"], "split 'nosuch' not found in {data}: its splits are train, val"),
     (["--data", "{davis}", "--split", "nosuch"],
      "DAVIS split must be 'train', 'val' or 'all', got 'nosuch'"),

@@ -40,6 +40,19 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option(help="Also cache backbone f
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 
+def _weight_decay(value: str | None) -> float | str | None:
+    """``--weight-decay``: None, ``cv`` or a number >= 0."""
+    if value is None or value == "cv":
+        return value
+    try:
+        wd = float(value)
+    except ValueError:
+        wd = float("nan")
+    if not wd >= 0:
+        raise ValueError(f"--weight-decay must be a number >= 0 or 'cv', got {value!r}")
+    return wd
+
+
 def _run(fn, **kwargs) -> dict:
     """Call ``fn`` logging to the terminal; bad input becomes one ``error:`` line, exit code 2,
     through the commands' :func:`~upfeat.apps._cli_errors.user_errors`."""
@@ -66,7 +79,7 @@ def probe(
     pixels_per_image: Annotated[int, typer.Option(help="Random valid train pixels per image.")] = 1500,
     seed: Annotated[int, typer.Option(help="Seed of the pixel sampling.")] = 0,
     max_iter: Annotated[int, typer.Option(help="L-BFGS iterations.")] = 200,
-    weight_decay: Annotated[Optional[float], typer.Option(help="L2 penalty on the probe weights (default per task: seg 1e-4, fgbg 0.1, depth 1e-4).", show_default=False)] = None,
+    weight_decay: Annotated[Optional[str], typer.Option(help="L2 penalty on the probe weights: a number (default per task: seg 1e-4, fgbg 0.1, depth 1e-4) or 'cv': chosen from 1e-4, 1e-3, 1e-2, 0.1 by cross-validation over train sequences on bilinear features, then used for every upsampler.", show_default=False)] = None,
     depth_loss: Annotated[str, typer.Option(help="Depth loss: l2 or l1.")] = "l2",
     log_depth: Annotated[bool, typer.Option("--log-depth", help="Regress log-depth.")] = False,
     void_id: Annotated[Optional[int], typer.Option(help="Label id to ignore (folder layout; default classes.json or 255).")] = None,
@@ -87,7 +100,7 @@ def probe(
     _report(_run(probe_suite, data=data, upsamplers=upsampler, task=task,
                  backbone=backbone, size=tuple(size) if size else None, split=split, out=out,
                  pixels_per_image=pixels_per_image, seed=seed, max_iter=max_iter,
-                 weight_decay=weight_decay, depth_loss=depth_loss, log_depth=log_depth,
+                 weight_decay=_weight_decay(weight_decay), depth_loss=depth_loss, log_depth=log_depth,
                  cache_mb=cache_mb, cache_dir=cache_dir, show=show, progress=progress,
                  dataset_kwargs=kw, max_train=max_train_images, max_eval=max_eval_images))
 

@@ -10,6 +10,7 @@ Modules (one job each):
   ``resize_conv=CKPT``, ``implicit`` ...) -> ``image (B, 3, H, W) -> features (B, C, H, W)``.
 - :mod:`~upfeat.eval.linear`: full-batch L-BFGS for linear maps on many rows.
 - :mod:`~upfeat.eval.probe`: the 1x1-conv linear probe protocol.
+- :mod:`~upfeat.eval.cv`: the probe's weight decay by cross-validation over train sequences.
 - :mod:`~upfeat.eval.cam`: CAM faithfulness with a class-presence classifier.
 - :mod:`~upfeat.eval.report`: Markdown / JSON tables, bar chart, qualitative figure.
 - :mod:`~upfeat.eval.suite`: run a list of specs end to end (used by the CLI and benchmarks).
@@ -23,6 +24,7 @@ Example:
 from __future__ import annotations
 
 from .cache import CachedBackbone, FeatureCache
+from .cv import cv_folds, select_weight_decay
 from .datasets import PixelDataset, Sample, camvid, davis, folder, open_dataset
 from .features import FeatureSource, UpsamplerUnavailable, parse_spec, resolve, split_specs
 from .metrics import (DepthMeter, SegMeter, average_drop, average_increase, boundary_band,
@@ -33,6 +35,6 @@ from .suite import cam_suite, probe_suite
 __all__ = ["CachedBackbone", "DepthMeter", "FeatureCache", "FeatureSource", "LinearProbe",
            "PixelDataset", "ProbeConfig", "ProbeResult", "Sample", "SegMeter",
            "UpsamplerUnavailable", "average_drop", "average_increase", "boundary_band", "cam_suite", "camvid",
-           "confusion_matrix", "davis", "depth_scores", "fgbg_scores", "fit_probe", "folder",
+           "confusion_matrix", "cv_folds", "davis", "depth_scores", "fgbg_scores", "fit_probe", "folder",
            "open_dataset", "parse_spec", "probe_suite", "resolve", "run_probe", "seg_scores",
-           "split_specs"]
+           "select_weight_decay", "split_specs"]

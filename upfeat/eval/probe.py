@@ -65,8 +65,9 @@ class ProbeConfig:
             v = getattr(self, key)
             if not (isinstance(v, int) and v > 0):
                 raise ValueError(f"{key} must be a positive int, got {v!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        wd = self.weight_decay
+        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not wd >= 0:
+            raise ValueError(f"weight_decay must be a number >= 0, got {wd!r}")
         if self.depth_loss not in ("l2", "l1"):
             raise ValueError(f"depth_loss must be 'l2' or 'l1', got {self.depth_loss!r}")
 
@@ -122,10 +123,18 @@ def sample_pixels(features: Features, dataset: PixelDataset, cfg: ProbeConfig,
     ``x`` is allocated once for ``len(dataset) * pixels_per_image`` rows (no concatenation copy)
     and trimmed to the pixels actually drawn.
     """
+    x, y, _ = _sample_pixels(features, dataset, cfg, progress, desc)
+    return x, y
+
+
+def _sample_pixels(features: Features, dataset: PixelDataset, cfg: ProbeConfig, progress: bool,
+                   desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sample_pixels` plus the ``(N,)`` index of each pixel's image in ``dataset``."""
     gen = torch.Generator().manual_seed(cfg.seed)
     x: torch.Tensor | None = None
     ys, n = [], 0
-    for s in _bar(dataset, progress, desc, len(dataset)):
+    imgs = []
+    for i, s in enumerate(_bar(dataset, progress, desc, len(dataset))):
         idx = valid_mask(s.target, cfg.task, dataset.ignore_index).reshape(-1).nonzero()[:, 0]
         idx = idx[torch.randperm(idx.numel(), generator=gen)[:cfg.pixels_per_image]]
         if idx.numel() == 0:
@@ -139,11 +148,12 @@ def sample_pixels(features: Features, dataset: PixelDataset, cfg: ProbeConfig,
             x = torch.empty(len(dataset) * cfg.pixels_per_image, hr.shape[1])
         x[n:n + idx.numel()] = hr[0][:, idx // W, idx % W].T
         ys.append(s.target.reshape(-1)[idx])
+        imgs.append(torch.full((idx.numel(),), i))
         n += idx.numel()
     if x is None:
         raise ValueError(f"no valid train pixels in {dataset.name or 'the train set'} "
                          f"({len(dataset)} images)")
-    return x[:n], torch.cat(ys)
+    return x[:n], torch.cat(ys), torch.cat(imgs)
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, cfg: ProbeConfig,

@@ -26,6 +26,7 @@ from . import report
 from .cache import CachedBackbone, FeatureCache
 from .cam import cam_faithfulness, fit_presence, presence_accuracy
 from .datasets import PixelDataset, auto_size, open_dataset, subset
+from .cv import select_weight_decay
 from .features import FeatureSource, UpsamplerUnavailable, parse_spec, resolve, split_specs
 from .metrics import BOUNDARY_D
 from .probe import ProbeConfig, run_probe
@@ -154,7 +155,7 @@ def probe_suite(data: str | os.PathLike[str], upsamplers: Specs, task: str | Non
                 backbone: str | nn.Module | CachedBackbone = "vits14_focus",
                 size: tuple[int, int] | None = None, split: str = "val",
                 out: str | os.PathLike[str] | None = None, pixels_per_image: int = 1500,
-                seed: int = 0, max_iter: int = 200, weight_decay: float | None = None,
+                seed: int = 0, max_iter: int = 200, weight_decay: float | str | None = None,
                 depth_loss: str = "l2", log_depth: bool = False, cache_mb: float = 2048,
                 cache_dir: str | os.PathLike[str] | None = None, show: int = 3,
                 progress: bool = True, skip_unavailable: bool = True,
@@ -166,6 +167,9 @@ def probe_suite(data: str | os.PathLike[str], upsamplers: Specs, task: str | Non
     ``backbone``: a name, a Backbone, or a :class:`CachedBackbone` to share its feature cache.
     ``size``: evaluation (H, W); ``None``: 224 high, aspect-preserving width (:func:`auto_size`).
     ``max_train`` / ``max_eval``: use that many evenly spaced images (``None``: all).
+    ``weight_decay``: a number, ``None`` (the task's default) or ``"cv"``: chosen from
+    :data:`~upfeat.eval.cv.WEIGHT_DECAY_GRID` by grouped cross-validation on the train split with
+    bilinear features (:func:`~upfeat.eval.cv.select_weight_decay`), then used for every row.
     Other arguments: see :class:`~upfeat.eval.probe.ProbeConfig` and :mod:`upfeat.apps.eval_cli`.
 
     Returns ``{"rows": [ProbeResult dicts], "notes", "meta", "paths"}``.
@@ -178,9 +182,21 @@ def probe_suite(data: str | os.PathLike[str], upsamplers: Specs, task: str | Non
     bb = _backbone(backbone, cache_mb, cache_dir)
     sources = _sources(specs, bb, skip_unavailable, notes)
     train, val = _sized(opened, size, bb.stride)
-    cfg = ProbeConfig(train.task, pixels_per_image, seed, max_iter, weight_decay, depth_loss, log_depth)
+    cv = weight_decay == "cv"
+    cfg = ProbeConfig(train.task, pixels_per_image, seed, max_iter, None if cv else weight_decay,
+                      depth_loss, log_depth)
     warm = warm_up(bb, [train, val], progress)
     log(f"backbone features of {len(train)} + {len(val)} images at {val.size}: {warm:.0f} s")
+    selection = {}
+    if cv:
+        t = time.perf_counter()
+        wd, scores = select_weight_decay(resolve("bilinear", bb), train, cfg, progress=progress)
+        cfg = replace(cfg, weight_decay=wd)
+        selection = {"weight decay CV (bilinear, train split)": scores,
+                     "weight decay CV seconds": round(time.perf_counter() - t, 1)}
+        log(f"weight decay {wd:g} by cross-validation on the train split (bilinear features; "
+            + ", ".join(f"{w:g}: {100 * v:.2f}" if cfg.task != "depth" else f"{w:g}: {v:.4f}"
+                        for w, v in scores.items()) + ")")
     examples = Examples(bb, val, show)
     shown = report.COLUMNS[cfg.task][:1 if cfg.task == "depth" else 2]  # main (+ boundary d=3)
     rows = []
@@ -194,7 +210,7 @@ def probe_suite(data: str | os.PathLike[str], upsamplers: Specs, task: str | Non
             "data": str(data), "backbone": bb.name, "size (H, W)": list(val.size),
             "train images": len(train), "eval images": len(val), "split": split,
             "pixels per image": pixels_per_image, "seed": seed, "L-BFGS max_iter": max_iter,
-            "weight decay": cfg.weight_decay, "torch threads": torch.get_num_threads(),
+            "weight decay": cfg.weight_decay, **selection, "torch threads": torch.get_num_threads(),
             "backbone seconds": round(warm, 1),
             "cache": {"hits": bb.cache.hits, "disk hits": bb.cache.disk_hits,
                       "misses": bb.cache.misses}, "seconds": round(time.perf_counter() - t0, 1)}
