@@ -22,16 +22,13 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-typedef float vfloat __attribute__((vector_size(64)));
-typedef double vdouble __attribute__((vector_size(64)));
-template <typename T> struct Vec;
-template <> struct Vec<float> { using type = vfloat; static constexpr int L = 16; };
-template <> struct Vec<double> { using type = vdouble; static constexpr int L = 8; };
-
-template <typename V> inline V vload(const void* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
-template <typename V> inline void vstore(void* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
+using upfeat_simd::Vec;
+using upfeat_simd::vload;
+using upfeat_simd::vstore;
 
 constexpr int NV = 2;   // vectors per tile row (32 floats / 16 doubles)
 constexpr int CB = 8;   // channels per register tile (fwd, tr)
