@@ -365,15 +365,21 @@ void tr_impl(const T* g, const T* w, bool tap_major, T* gf, int B, int C, int H,
   // up to a whole tile on the right, so every tile runs the same unmasked vector code.
   const int nb = (Wp + JB - 1) / JB, Wq = nb * JB + k - 1;
   const int64_t HWq = (int64_t)H * Wq;
-  std::vector<T> wq((size_t)B * K2 * HWq, T(0));  // weights with padded rows (~k*k*H*W, small)
-  if (tap_major) {
-    at::parallel_for(0, (int64_t)B * K2 * H, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        std::memcpy(&wq[r * Wq + k - 1], w + r * W, sizeof(T) * W);
-    });
-  } else {
-    hwk_to_tap<T>(w, wq.data() + k - 1, B, H, W, K2, Wq);
-  }
+  // Weights with padded rows (~k*k*H*W): from the output pool, so no fresh pages are faulted in
+  // and zeroed on every call (for a few channels that cost as much as the kernel); only the pads
+  // are written with zeros.
+  at::Tensor wq_t = pooled_empty({(int64_t)B * K2 * HWq},
+                                 at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* const wq = wq_t.data_ptr<T>();
+  if (!tap_major) hwk_to_tap<T>(w, wq + k - 1, B, H, W, K2, Wq);
+  at::parallel_for(0, (int64_t)B * K2 * H, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = wq + r * Wq;
+      std::fill(row, row + k - 1, T(0));
+      if (tap_major) std::memcpy(row + k - 1, w + r * W, sizeof(T) * W);
+      std::fill(row + k - 1 + W, row + Wq, T(0));
+    }
+  });
   // g rows of one channel block live in a ring of k+1 zero-padded rows: each row is copied once.
   const int IT = 16, CG = 64, K1 = k + 1;
   const int nit = (Hp + IT - 1) / IT, ncg = (C + CG - 1) / CG;
@@ -384,7 +390,7 @@ void tr_impl(const T* g, const T* w, bool tap_major, T* gf, int B, int C, int H,
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / (nit * ncg), it = (task / ncg) % nit, cg = task % ncg;
       const int c_end = std::min(C, (cg + 1) * CG), y_beg = it * IT, y_end = std::min(Hp, y_beg + IT);
-      const T* wb = wq.data() + (int64_t)b * K2 * HWq;
+      const T* wb = wq + (int64_t)b * K2 * HWq;
       for (int c0 = cg * CG; c0 < c_end; c0 += CB) {
         const int cb = std::min(CB, c_end - c0);
         const T* gb = g + ((int64_t)b * C + c0) * HW;
