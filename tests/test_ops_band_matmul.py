@@ -68,3 +68,11 @@ def test_errors():
         band_matmul(x, torch.randn(8, 5), torch.randn(10, 5))
     with pytest.raises(ValueError, match="backend"):
         band_matmul(x, torch.randn(8, 4), torch.randn(10, 5), backend="gpu")
+
+
+def test_subnormal_inputs_count_as_zero():
+    # flushed like in the adaptive-conv kernels (a ~10x slower CPU path otherwise)
+    x = torch.full((1, 2, 6, 7), 1e-40)  # subnormal in float32
+    ah, aw = _bicubic_matrix(6, 12, 3, x), _bicubic_matrix(7, 14, 3, x)
+    assert torch.count_nonzero(band_matmul(x, ah, aw, backend="cpp")) == 0
+    assert (torch.tensor([1e-40]) * 1.0).item() != 0

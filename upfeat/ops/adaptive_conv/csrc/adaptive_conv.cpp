@@ -311,6 +311,7 @@ void fwd_impl(const T* feat, const T* w, T* out, int B, int C, int H, int W, int
   const int CG = 64;  // channels per task
   const int nit = (H + IT - 1) / IT, ncg = (C + CG - 1) / CG;
   at::parallel_for(0, (int64_t)B * nit * ncg, 1, [&](int64_t begin, int64_t end) {
+    upfeat_simd::FlushDenormals ftz;
     std::vector<T> fl((size_t)CBF * (RB + k - 1) * (JB + k - 1)), wl((size_t)K2 * RB * JB);
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / (nit * ncg), it = (task / ncg) % nit, cg = task % ncg;
@@ -384,6 +385,7 @@ void tr_impl(const T* g, const T* w, bool tap_major, T* gf, int B, int C, int H,
   const int IT = 16, CG = 64, K1 = k + 1;
   const int nit = (Hp + IT - 1) / IT, ncg = (C + CG - 1) / CG;
   at::parallel_for(0, (int64_t)B * nit * ncg, 1, [&](int64_t begin, int64_t end) {
+    upfeat_simd::FlushDenormals ftz;
     std::vector<T> ring((size_t)CB * K1 * Wq, T(0));
     std::vector<const T*> rows(K1), rc(K1);  // rc: one channel's rows (remainder channels)
     const int64_t gc = (int64_t)K1 * Wq;
@@ -458,6 +460,7 @@ void corr_impl(const T* a, const T* p, T* o, int B, int C, int H, int W, int k) 
   const int IT = 8, CC = 32;
   const int nit = (H + IT - 1) / IT;
   at::parallel_for(0, (int64_t)B * nit, 1, [&](int64_t begin, int64_t end) {
+    upfeat_simd::FlushDenormals ftz;
     const int span = JB + k - 1;
     std::vector<T> al((size_t)CC * JB), al1((size_t)CC * JB), pl((size_t)CC * span);
     for (int64_t task = begin; task < end; ++task) {

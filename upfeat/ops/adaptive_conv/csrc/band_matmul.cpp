@@ -153,6 +153,7 @@ void band_impl(const T* x, const T* ah, const T* aw, T* out, int64_t planes, int
   const bool w_first = h * wp.cost + htaps * cWo <= htaps * cw + Ho * wp.cost;
   const int64_t buf = w_first ? (int64_t)h * Wo : (int64_t)Ho * w;
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+    upfeat_simd::FlushDenormals ftz;
     std::vector<T> tmp((size_t)std::max<int64_t>(buf, 1));
     for (int64_t p = begin; p < end; ++p) {
       const T* xp = x + p * h * w;
