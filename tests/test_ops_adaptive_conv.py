@@ -315,3 +315,14 @@ def test_output_pool_recycles_without_leaking_values():
     torch.testing.assert_close(second, 2 * expected)  # ...and overwrites every value
     del second
     assert empty_cache() >= expected.numel() * 4 and cached_bytes() == 0
+
+
+@pytest.mark.skipif(not can_run("cpp", torch.device("cpu")), reason="no C++ kernel")
+def test_cpp_subnormal_inputs_count_as_zero_and_mode_is_restored():
+    # The C++ kernels flush subnormals (products touching them take a ~10x slower CPU path; sharp
+    # JBU kernels' gradients are full of them): subnormal weights contribute exactly nothing...
+    feat, _ = _inputs(1, 3, 5, 40, 3, dtype=torch.float32)
+    tiny = torch.full((1, 5, 40, 3, 3), 1e-40)  # subnormal in float32
+    assert torch.count_nonzero(adaptive_conv(feat, tiny, backend="cpp")) == 0
+    # ... and the caller's floating-point mode is back afterwards (torch keeps subnormals).
+    assert (torch.tensor([1e-40]) * 1.0).item() != 0

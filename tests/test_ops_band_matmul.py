@@ -32,6 +32,19 @@ def test_any_dense_matrix_and_float32():
     torch.testing.assert_close(band_matmul(x, ah, aw, backend="cpp"), ah @ x @ aw.T, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wide_planes_both_pass_orders(dtype):
+    # Wider than the vector blocks (full blocks, row groups and tails), upsampling (W pass
+    # first) and its adjoint (downsampling: H pass first).
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, 27, 50, dtype=dtype, generator=g)
+    ah, aw = _bicubic_matrix(27, 54, 3, x), _bicubic_matrix(50, 101, 3, x)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(band_matmul(x, ah, aw, backend="cpp"), ah @ x @ aw.T, **tol)
+    y = torch.randn(1, 3, 60, 107, dtype=dtype, generator=g)
+    torch.testing.assert_close(band_matmul(y, ah.T, aw.T, backend="cpp"), ah.T @ y @ aw, **tol)
+
+
 @pytest.mark.parametrize("case", CASES[2:5], ids=str)
 def test_gradcheck_twice(case):
     (h, w), (H, W), r = case
@@ -55,3 +68,11 @@ def test_errors():
         band_matmul(x, torch.randn(8, 5), torch.randn(10, 5))
     with pytest.raises(ValueError, match="backend"):
         band_matmul(x, torch.randn(8, 4), torch.randn(10, 5), backend="gpu")
+
+
+def test_subnormal_inputs_count_as_zero():
+    # flushed like in the adaptive-conv kernels (a ~10x slower CPU path otherwise)
+    x = torch.full((1, 2, 6, 7), 1e-40)  # subnormal in float32
+    ah, aw = _bicubic_matrix(6, 12, 3, x), _bicubic_matrix(7, 14, 3, x)
+    assert torch.count_nonzero(band_matmul(x, ah, aw, backend="cpp")) == 0
+    assert (torch.tensor([1e-40]) * 1.0).item() != 0

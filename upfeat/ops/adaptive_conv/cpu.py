@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-_SRCS = [Path(__file__).with_name("csrc") / f for f in ("adaptive_conv.cpp", "band_matmul.cpp")]
+_SRCS = [Path(__file__).with_name("csrc") / f
+         for f in ("adaptive_conv.cpp", "band_matmul.cpp", "simd.h")]
 
 
 def _cpu_tag() -> str:
@@ -67,7 +68,7 @@ def load_extension():
     try:
         ext = cpp_extension.load(
             name=f"upfeat_adaptive_conv_{key}",
-            sources=[str(snap / name) for name in srcs],
+            sources=[str(snap / name) for name in srcs if name.endswith(".cpp")],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             verbose=os.environ.get("UPFEAT_VERBOSE_BUILD") == "1",

@@ -21,22 +21,21 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
+#include <type_traits>
+
+#include "simd.h"
 
 namespace {
 
-typedef float vfloat __attribute__((vector_size(64)));
-typedef double vdouble __attribute__((vector_size(64)));
-template <typename T> struct Vec;
-template <> struct Vec<float> { using type = vfloat; static constexpr int L = 16; };
-template <> struct Vec<double> { using type = vdouble; static constexpr int L = 8; };
-
-template <typename V> inline V vload(const void* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
-template <typename V> inline void vstore(void* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
+using upfeat_simd::Vec;
+using upfeat_simd::vload;
+using upfeat_simd::vstore;
 
 constexpr int NV = 2;   // vectors per tile row (32 floats / 16 doubles)
 constexpr int CB = 8;   // channels per register tile (fwd, tr)
 constexpr int RB = 2;   // output rows per register tile (fwd)
 constexpr int CBF = 4;  // channels per register tile of the 2-row forward band
+constexpr int CB2 = 4;  // channels per register tile of the 2-row tr band
 
 // Large fresh outputs are expensive here: the kernel zeroes every new page on first touch
 // (~12 ms for the 77 MB output at 224², 40% of the forward). Big outputs therefore come from a
@@ -168,6 +167,57 @@ inline void tr_tile(const T* const* rows, int64_t gc, const T* w, int64_t wt, in
   }
 }
 
+// tr, two output rows at once: input row i = y+1-s feeds row y+1 through tap row u = s and row y
+// through u = s-1, so each g vector load serves both rows (k+1 row loads per 2k row-taps instead
+// of 2k). rows[s]: input row i (channel 0; channel c at + c*gc), for s in [slo, shi]; w: weights
+// at row y+1 (tap t, row y+1-s at w + t*wt - s*wu), read like tr_tile's. NV_ vectors per row:
+// 1 for a narrow last tile (the k-1 columns a padded row has past a multiple of the tile).
+template <typename T, int C_B, int NV_>
+inline void tr2_tile(const T* const* rows, int64_t gc, const T* w, int64_t wt, int64_t wu, int col,
+                     int k, int slo, int shi, T* o, int64_t oc, int64_t orow, int nvalid) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  V acc[2][C_B][NV_];
+  for (int r = 0; r < 2; ++r)
+    for (int c = 0; c < C_B; ++c)
+      for (int n = 0; n < NV_; ++n) acc[r][c][n] = V{};
+  auto step = [&](auto r0, auto r1, int s) __attribute__((always_inline)) {
+    constexpr bool R0 = decltype(r0)::value, R1 = decltype(r1)::value;
+    const T* gp0 = rows[s] + col;
+    const T* wrow = w - s * wu + col;
+    for (int v = 0; v < k; ++v) {
+      V w0[NV_], w1[NV_];
+      for (int n = 0; n < NV_; ++n) {
+        if constexpr (R0) w0[n] = vload<V>(wrow + (int64_t)((s - 1) * k + v) * wt - v + n * L);
+        if constexpr (R1) w1[n] = vload<V>(wrow + (int64_t)(s * k + v) * wt - v + n * L);
+      }
+      const T* gp = gp0 - v;
+      for (int c = 0; c < C_B; ++c)
+        for (int n = 0; n < NV_; ++n) {
+          const V gv = vload<V>(gp + c * gc + n * L);
+          if constexpr (R0) acc[0][c][n] += gv * w0[n];
+          if constexpr (R1) acc[1][c][n] += gv * w1[n];
+        }
+    }
+  };
+  for (int s = slo; s <= shi; ++s) {
+    if (s == 0) step(std::false_type{}, std::true_type{}, s);
+    else if (s == k) step(std::true_type{}, std::false_type{}, s);
+    else step(std::true_type{}, std::true_type{}, s);
+  }
+  for (int r = 0; r < 2; ++r)
+    for (int c = 0; c < C_B; ++c) {
+      T* op = o + c * oc + r * orow;
+      if (nvalid == NV_ * L) {
+        for (int n = 0; n < NV_; ++n) vstore(op + n * L, acc[r][c][n]);
+      } else {
+        T tmp[NV_ * L];
+        for (int n = 0; n < NV_; ++n) vstore(tmp + n * L, acc[r][c][n]);
+        std::memcpy(op, tmp, sizeof(T) * nvalid);
+      }
+    }
+}
+
 // corr, two output rows at once: acc[r][v] = sum_c a[c][row r] * p[c][v + ...] (one vector of
 // columns at a time). Feat row s feeds row 0 through tap row u = s and row 1 through u = s-1,
 // so each p vector load serves both rows (9 loads per 14 FMAs instead of 16 per 14). One vector
@@ -261,6 +311,7 @@ void fwd_impl(const T* feat, const T* w, T* out, int B, int C, int H, int W, int
   const int CG = 64;  // channels per task
   const int nit = (H + IT - 1) / IT, ncg = (C + CG - 1) / CG;
   at::parallel_for(0, (int64_t)B * nit * ncg, 1, [&](int64_t begin, int64_t end) {
+    upfeat_simd::FlushDenormals ftz;
     std::vector<T> fl((size_t)CBF * (RB + k - 1) * (JB + k - 1)), wl((size_t)K2 * RB * JB);
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / (nit * ncg), it = (task / ncg) % nit, cg = task % ncg;
@@ -315,50 +366,79 @@ void tr_impl(const T* g, const T* w, bool tap_major, T* gf, int B, int C, int H,
   // up to a whole tile on the right, so every tile runs the same unmasked vector code.
   const int nb = (Wp + JB - 1) / JB, Wq = nb * JB + k - 1;
   const int64_t HWq = (int64_t)H * Wq;
-  std::vector<T> wq((size_t)B * K2 * HWq, T(0));  // weights with padded rows (~k*k*H*W, small)
-  if (tap_major) {
-    at::parallel_for(0, (int64_t)B * K2 * H, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        std::memcpy(&wq[r * Wq + k - 1], w + r * W, sizeof(T) * W);
-    });
-  } else {
-    hwk_to_tap<T>(w, wq.data() + k - 1, B, H, W, K2, Wq);
-  }
-  // g rows of one channel block live in a ring of k zero-padded rows: each row is copied once.
-  const int IT = 16, CG = 64;
+  // Weights with padded rows (~k*k*H*W): from the output pool, so no fresh pages are faulted in
+  // and zeroed on every call (for a few channels that cost as much as the kernel); only the pads
+  // are written with zeros.
+  at::Tensor wq_t = pooled_empty({(int64_t)B * K2 * HWq},
+                                 at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* const wq = wq_t.data_ptr<T>();
+  if (!tap_major) hwk_to_tap<T>(w, wq + k - 1, B, H, W, K2, Wq);
+  at::parallel_for(0, (int64_t)B * K2 * H, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = wq + r * Wq;
+      std::fill(row, row + k - 1, T(0));
+      if (tap_major) std::memcpy(row + k - 1, w + r * W, sizeof(T) * W);
+      std::fill(row + k - 1 + W, row + Wq, T(0));
+    }
+  });
+  // g rows of one channel block live in a ring of k+1 zero-padded rows: each row is copied once.
+  const int IT = 16, CG = 64, K1 = k + 1;
   const int nit = (Hp + IT - 1) / IT, ncg = (C + CG - 1) / CG;
   at::parallel_for(0, (int64_t)B * nit * ncg, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> ring((size_t)CB * k * Wq, T(0));
-    std::vector<const T*> rows(k), rc(k);  // rc: one channel's rows (remainder channels)
+    upfeat_simd::FlushDenormals ftz;
+    std::vector<T> ring((size_t)CB * K1 * Wq, T(0));
+    std::vector<const T*> rows(K1), rc(K1);  // rc: one channel's rows (remainder channels)
+    const int64_t gc = (int64_t)K1 * Wq;
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / (nit * ncg), it = (task / ncg) % nit, cg = task % ncg;
       const int c_end = std::min(C, (cg + 1) * CG), y_beg = it * IT, y_end = std::min(Hp, y_beg + IT);
-      const T* wb = wq.data() + (int64_t)b * K2 * HWq;
+      const T* wb = wq + (int64_t)b * K2 * HWq;
       for (int c0 = cg * CG; c0 < c_end; c0 += CB) {
         const int cb = std::min(CB, c_end - c0);
         const T* gb = g + ((int64_t)b * C + c0) * HW;
         T* ob = gf + ((int64_t)b * C + c0) * HWp;
-        int loaded = y_beg - k;  // last input row copied into the ring
-        for (int y = y_beg; y < y_end; ++y) {
-          // output row y receives from input rows i = y-u with 0 <= i < H
-          const int ulo = std::max(0, y - H + 1), uhi = std::min(k, y + 1);
-          for (int i = std::max({loaded + 1, y - k + 1, 0}); i <= std::min(y, H - 1); ++i) {
+        int loaded = y_beg - K1;  // last input row copied into the ring
+        for (int y = y_beg; y < y_end; y += 2) {
+          const bool two = y + 1 < y_end;
+          const int ytop = y + two;  // rows y (and y+1) receive from input rows y+1-s, s <= k
+          for (int i = std::max({loaded + 1, y - k + 1, 0}); i <= std::min(ytop, H - 1); ++i) {
             for (int c = 0; c < cb; ++c)
-              std::memcpy(&ring[((size_t)c * k + i % k) * Wq + k - 1], gb + c * HW + (int64_t)i * W,
+              std::memcpy(&ring[((size_t)c * K1 + i % K1) * Wq + k - 1], gb + c * HW + (int64_t)i * W,
                           sizeof(T) * W);
             loaded = i;
           }
-          for (int u = ulo; u < uhi; ++u) rows[u] = ring.data() + (size_t)((y - u) % k) * Wq;
+          if (two) {
+            // s such that input row y+1-s is in [0, H)
+            const int slo = std::max(0, y + 2 - H), shi = std::min(k, y + 1);
+            for (int s = slo; s <= shi; ++s) rows[s] = ring.data() + (size_t)((y + 1 - s) % K1) * Wq;
+            const T* wp = wb + (int64_t)(y + 1) * Wq;
+            for (int x0 = 0; x0 < Wp; x0 += JB) {
+              const int nvalid = std::min(JB, Wp - x0);
+              T* o = ob + (int64_t)y * Wp + x0;
+              const bool narrow = nvalid <= L;
+              for (int c = 0; c < cb;) {
+                const int n = cb - c >= CB2 ? CB2 : 1;
+                for (int s = slo; s <= shi; ++s) rc[s] = rows[s] + c * gc;
+                const auto tile = n == CB2 ? (narrow ? &tr2_tile<T, CB2, 1> : &tr2_tile<T, CB2, NV>)
+                                            : (narrow ? &tr2_tile<T, 1, 1> : &tr2_tile<T, 1, NV>);
+                tile(rc.data(), gc, wp, HWq, Wq, x0 + k - 1, k, slo, shi, o + c * HWp, HWp, Wp, nvalid);
+                c += n;
+              }
+            }
+            continue;
+          }
+          // a last single row: output row y receives from input rows i = y-u with 0 <= i < H
+          const int ulo = std::max(0, y - H + 1), uhi = std::min(k, y + 1);
+          for (int u = ulo; u < uhi; ++u) rows[u] = ring.data() + (size_t)((y - u) % K1) * Wq;
           const T* wp = wb + (int64_t)y * Wq;
           for (int x0 = 0; x0 < Wp; x0 += JB) {
             const int nvalid = std::min(JB, Wp - x0);
             T* o = ob + (int64_t)y * Wp + x0;
             if (cb == CB) {
-              tr_tile<T, CB>(rows.data(), (int64_t)k * Wq, wp, HWq, -Wq, x0 + k - 1, k, ulo, uhi,
-                             o, HWp, nvalid);
+              tr_tile<T, CB>(rows.data(), gc, wp, HWq, -Wq, x0 + k - 1, k, ulo, uhi, o, HWp, nvalid);
             } else {
               for (int c = 0; c < cb; ++c) {
-                for (int u = ulo; u < uhi; ++u) rc[u] = rows[u] + (size_t)c * k * Wq;
+                for (int u = ulo; u < uhi; ++u) rc[u] = rows[u] + c * gc;
                 tr_tile<T, 1>(rc.data(), 0, wp, HWq, -Wq, x0 + k - 1, k, ulo, uhi, o + c * HWp,
                               HWp, nvalid);
               }
@@ -380,6 +460,7 @@ void corr_impl(const T* a, const T* p, T* o, int B, int C, int H, int W, int k) 
   const int IT = 8, CC = 32;
   const int nit = (H + IT - 1) / IT;
   at::parallel_for(0, (int64_t)B * nit, 1, [&](int64_t begin, int64_t end) {
+    upfeat_simd::FlushDenormals ftz;
     const int span = JB + k - 1;
     std::vector<T> al((size_t)CC * JB), al1((size_t)CC * JB), pl((size_t)CC * span);
     for (int64_t task = begin; task < end; ++task) {

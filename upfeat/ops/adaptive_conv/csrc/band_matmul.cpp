@@ -1,8 +1,14 @@
 // out[b,c] = A_h @ x[b,c] @ A_w^T for small dense matrices that are banded (each row has a short
 // run of non-zeros): a separable resize such as bicubic, with any padding folded into the rows.
-// A dense matmul spends (input side) multiply-adds per output; this spends the band width (4 for
-// bicubic): one pass along columns (vectorised over the row), then one along rows, where each
-// block of VB output columns is a small dense (span x VB) product with the block's own band.
+// A dense matmul spends (input side) multiply-adds per output; this spends about the band width
+// (4 for bicubic) per output and axis, in 64-byte vector registers (simd.h):
+// - W pass (along rows): each block of L output columns is a small dense (span x L) product with
+//   the block's own slice of A_w^T, kept as a vector per input column: R rows at once, so each
+//   slice vector serves R independent FMA chains.
+// - H pass (across rows): an output row is a combination of a few whole rows, FMAs over
+//   contiguous vectors.
+// Per plane the cheaper order runs (W first when upsampling: the W pass then sees the h input
+// rows instead of the Ho output rows), through a per-thread buffer that stays in L2.
 // The adjoint (A_h^T @ g @ A_w) is the same op on the transposed matrices.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -11,11 +17,15 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 at::Tensor upfeat_pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opt);
 
 namespace {
 
-constexpr int VB = 16;  // output columns per block of the row pass
+using upfeat_simd::Vec;
+using upfeat_simd::vload;
+using upfeat_simd::vstore;
 
 // First and one-past-last non-zero column of every row of a (n, m) matrix (empty rows: 0, 0).
 template <typename T>
@@ -30,52 +40,130 @@ void row_ranges(const T* a, int n, int m, std::vector<int>& lo, std::vector<int>
   }
 }
 
+// A_w^T cut in blocks of L output columns: block b reads input columns [base, base + span) and
+// holds M[s] = A_w[b*L .. b*L+L, base + s] as one vector per s (zeros past Wo).
+template <typename T>
+struct WPlan {
+  static constexpr int L = Vec<T>::L;
+  int nb = 0, Wo = 0;
+  std::vector<int> base, span;
+  std::vector<int64_t> moff;
+  std::vector<T> M;
+  int64_t cost = 0;  // vector FMAs per row
+
+  WPlan(const T* aw, int Wo_, int w) : Wo(Wo_) {
+    std::vector<int> lo, hi;
+    row_ranges(aw, Wo, w, lo, hi);
+    nb = (Wo + L - 1) / L;
+    base.assign(nb, 0); span.assign(nb, 0); moff.assign(nb + 1, 0);
+    for (int b = 0; b < nb; ++b) {
+      int l = w, r = 0;
+      for (int J = b * L; J < std::min(Wo, (b + 1) * L); ++J)
+        if (hi[J] > 0) { l = std::min(l, lo[J]); r = std::max(r, hi[J]); }
+      base[b] = r > 0 ? l : 0;
+      span[b] = r > 0 ? r - l : 0;
+      moff[b + 1] = moff[b] + (int64_t)span[b] * L;
+      cost += span[b];
+    }
+    M.assign(moff[nb], T(0));
+    for (int b = 0; b < nb; ++b)
+      for (int s = 0; s < span[b]; ++s)
+        for (int j = 0; j < L && b * L + j < Wo; ++j)
+          M[moff[b] + (int64_t)s * L + j] = aw[(int64_t)(b * L + j) * w + base[b] + s];
+  }
+
+  // R rows: dst[r] = src[r] @ A_w^T (src rows of width w, stride ss; dst stride ds).
+  template <int R>
+  void rows(const T* src, int64_t ss, T* dst, int64_t ds) const {
+    using V = typename Vec<T>::type;
+    for (int b = 0; b < nb; ++b) {
+      V acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = V{};
+      const T* m = M.data() + moff[b];
+      const T* s0 = src + base[b];
+      for (int s = 0; s < span[b]; ++s) {
+        const V mv = vload<V>(m + (int64_t)s * L);
+        for (int r = 0; r < R; ++r) acc[r] += s0[r * ss + s] * mv;
+      }
+      const int nv = std::min(L, Wo - b * L);
+      for (int r = 0; r < R; ++r) {
+        T* d = dst + r * ds + b * L;
+        if (nv == L) {
+          vstore(d, acc[r]);
+        } else {
+          T tmp[L];
+          vstore(tmp, acc[r]);
+          std::memcpy(d, tmp, sizeof(T) * nv);
+        }
+      }
+    }
+  }
+
+  void apply(const T* src, int64_t ss, int n, T* dst, int64_t ds) const {
+    constexpr int R = 4;  // rows per step: independent FMA chains hide the FMA latency
+    int i = 0;
+    for (; i + R <= n; i += R) rows<R>(src + i * ss, ss, dst + i * ds, ds);
+    for (; i < n; ++i) rows<1>(src + i * ss, ss, dst + i * ds, ds);
+  }
+};
+
+// dst row I = sum_{i in [lo[I], hi[I])} A_h[I, i] * src row i, rows of width `wid`.
+template <typename T>
+void h_pass(const T* ah, int ncol, const std::vector<int>& lo, const std::vector<int>& hi,
+            const T* src, int64_t ss, int n_out, int wid, T* dst, int64_t ds) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L, NB = 4;
+  for (int I = 0; I < n_out; ++I) {
+    const T* a = ah + (int64_t)I * ncol;
+    T* d = dst + I * ds;
+    int j = 0;
+    for (; j + NB * L <= wid; j += NB * L) {
+      V acc[NB];
+      for (int q = 0; q < NB; ++q) acc[q] = V{};
+      for (int i = lo[I]; i < hi[I]; ++i) {
+        const T c = a[i];
+        const T* s = src + i * ss + j;
+        for (int q = 0; q < NB; ++q) acc[q] += c * vload<V>(s + q * L);
+      }
+      for (int q = 0; q < NB; ++q) vstore(d + j + q * L, acc[q]);
+    }
+    for (; j + L <= wid; j += L) {
+      V acc = V{};
+      for (int i = lo[I]; i < hi[I]; ++i) acc += a[i] * vload<V>(src + i * ss + j);
+      vstore(d + j, acc);
+    }
+    for (; j < wid; ++j) {
+      T acc = T(0);
+      for (int i = lo[I]; i < hi[I]; ++i) acc += a[i] * src[i * ss + j];
+      d[j] = acc;
+    }
+  }
+}
+
 template <typename T>
 void band_impl(const T* x, const T* ah, const T* aw, T* out, int64_t planes, int h, int w, int Ho,
                int Wo) {
-  std::vector<int> hlo, hhi, wlo, whi;
+  constexpr int L = Vec<T>::L;
+  const WPlan<T> wp(aw, Wo, w);
+  std::vector<int> hlo, hhi;
   row_ranges(ah, Ho, h, hlo, hhi);
-  row_ranges(aw, Wo, w, wlo, whi);
-  // Row pass blocks: columns [J0, J0+VB) read x columns [base, base+span); M is span x VB.
-  const int nb = (Wo + VB - 1) / VB;
-  std::vector<int> base(nb), span(nb);
-  std::vector<int64_t> moff(nb + 1, 0);
-  for (int b = 0; b < nb; ++b) {
-    int l = w, r = 0;
-    for (int J = b * VB; J < std::min(Wo, (b + 1) * VB); ++J)
-      if (whi[J] > 0) { l = std::min(l, wlo[J]); r = std::max(r, whi[J]); }
-    base[b] = r > 0 ? l : 0;
-    span[b] = r > 0 ? r - l : 0;
-    moff[b + 1] = moff[b] + (int64_t)span[b] * VB;
-  }
-  std::vector<T> M(moff[nb], T(0));
-  for (int b = 0; b < nb; ++b)
-    for (int s = 0; s < span[b]; ++s)
-      for (int j = 0; j < VB && b * VB + j < Wo; ++j)
-        M[moff[b] + (int64_t)s * VB + j] = aw[(int64_t)(b * VB + j) * w + base[b] + s];
+  int64_t htaps = 0;
+  for (int I = 0; I < Ho; ++I) htaps += hhi[I] - hlo[I];
+  const int64_t cw = (int64_t)(w + L - 1) / L, cWo = (int64_t)(Wo + L - 1) / L;
+  const bool w_first = h * wp.cost + htaps * cWo <= htaps * cw + Ho * wp.cost;
+  const int64_t buf = w_first ? (int64_t)h * Wo : (int64_t)Ho * w;
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> tmp((size_t)w);
+    upfeat_simd::FlushDenormals ftz;
+    std::vector<T> tmp((size_t)std::max<int64_t>(buf, 1));
     for (int64_t p = begin; p < end; ++p) {
       const T* xp = x + p * h * w;
       T* op = out + p * Ho * Wo;
-      for (int I = 0; I < Ho; ++I) {
-        std::fill(tmp.begin(), tmp.end(), T(0));
-        for (int i = hlo[I]; i < hhi[I]; ++i) {  // column pass: one output row, vectorised
-          const T a = ah[(int64_t)I * h + i];
-          const T* xr = xp + (int64_t)i * w;
-          for (int j = 0; j < w; ++j) tmp[j] += a * xr[j];
-        }
-        T* orow = op + (int64_t)I * Wo;
-        for (int b = 0; b < nb; ++b) {  // row pass: acc[VB] += tmp[base+s] * M[s, :]
-          T acc[VB] = {};
-          const T* mb = M.data() + moff[b];
-          const T* tb = tmp.data() + base[b];
-          for (int s = 0; s < span[b]; ++s) {
-            const T t = tb[s];
-            for (int j = 0; j < VB; ++j) acc[j] += t * mb[s * VB + j];
-          }
-          std::memcpy(orow + b * VB, acc, sizeof(T) * std::min(VB, Wo - b * VB));
-        }
+      if (w_first) {
+        wp.apply(xp, w, h, tmp.data(), Wo);
+        h_pass(ah, h, hlo, hhi, tmp.data(), Wo, Ho, Wo, op, Wo);
+      } else {
+        h_pass(ah, h, hlo, hhi, xp, w, Ho, w, tmp.data(), w);
+        wp.apply(tmp.data(), w, Ho, op, Wo);
       }
     }
   });
