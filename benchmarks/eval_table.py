@@ -26,11 +26,11 @@ thread), far beyond this budget on a CPU: use it with small ``--camvid-train`` /
 Protocol (:mod:`upfeat.eval.probe`, identical for every row): evenly spaced train images
 (``--camvid-train`` of 367 CamVid, ``--davis-train`` of the 95 frames of the 7 DAVIS train
 sequences), 1500 random non-void pixels per train image (seed 0), standardised features, full-batch
-L-BFGS from zero for ``--max-iter`` iterations with a weight decay chosen per backbone and
-dataset from 1e-4 / 1e-3 / 1e-2 / 0.1 by 3-fold cross-validation over the *train* sequences on
-bilinear features, then fixed for every row (:mod:`upfeat.eval.cv`; ``--weight-decay default``:
-the fixed seg 1e-4 / fg-bg 0.1 chosen once for the ViT, :mod:`upfeat.eval.probe`; one fixed value
-made the DAVIS probe nearly degenerate on the CNNs), then every pixel of the eval images (all
+L-BFGS from zero for ``--max-iter`` iterations with the per-task weight decay (seg 1e-4, fg/bg
+0.1, chosen once on the ViT's bilinear features: :mod:`upfeat.eval.probe`) or, with
+``--weight-decay cv``, one chosen per backbone and dataset from 1e-4 / 1e-3 / 1e-2 / 0.1 by 3-fold
+cross-validation over the *train* sequences on bilinear features (:mod:`upfeat.eval.cv`), the
+same for every row; then every pixel of the eval images (all
 101 CamVid val images; ``--davis-eval`` of the 99 frames of the 7 DAVIS val sequences). Backbone
 features are computed once per image and size and shared by all rows; each row computes its
 upsampled features once per image (the figures reuse them).
@@ -144,10 +144,10 @@ def main() -> int:
     p.add_argument("--davis-train", type=int, default=48, help="DAVIS train frames (of 95)")
     p.add_argument("--davis-eval", type=int, default=48, help="DAVIS val frames (of 99)")
     p.add_argument("--max-iter", type=int, default=200, help="L-BFGS iterations of every probe")
-    p.add_argument("--weight-decay", default="cv",
-                   help="probe weight decay: 'cv' (default: per backbone and dataset, by "
-                        "cross-validation over train sequences on bilinear features), 'default' "
-                        "(seg 1e-4, fg/bg 0.1) or a number")
+    p.add_argument("--weight-decay", default="default",
+                   help="probe weight decay: 'default' (seg 1e-4, fg/bg 0.1), 'cv' (per backbone "
+                        "and dataset, by cross-validation over train sequences on bilinear "
+                        "features) or a number")
     p.add_argument("--backbone", default="vits14_focus", help="registered backbone name")
     p.add_argument("--jbu", default=None, help="checkpoint of the 'jbu' row (default: the shipped one)")
     p.add_argument("--resize-conv", type=Path, default=RC_DEFAULT,
