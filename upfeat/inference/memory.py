@@ -11,11 +11,17 @@ bilinear / JBU from 224² to 896², and are rough for other backbones. For an ``
 
 - backbone:   ``26 * N * C * 4`` (ViT-S/14 measured 20.5-25.4; attention is fused, so linear in N)
 - upsampler:  nearest / bilinear / bicubic ``C * 4 * px`` (the output, measured exactly);
-  JBU stack and other learned ones ``(2.2 * C * 4 + 1200) * px + 96 MiB`` (fitted
-  ``(2.07 * C * 4 + 1130) * px + ~90 MiB`` from one-off runs of the same measurement at 448²
-  and 896² for C = 16, 64, 384; the C = 384 rows are in memory.json)
+  JBU stack and other learned ones ``(1.35 * C + 0.72 * G) * 4 * px + 900 * px + 72 MiB``
+  with ``G = min(C, 64)``: under ``torch.inference_mode`` each JBU step upsamples
+  :data:`~upfeat.upsamplers.jbu.CHANNEL_GROUP` = 64 channels at a time, so only the tile's
+  result and the last step's input (``1.33 * C * 4`` per px) grow with C. Measured for the
+  shipped stack (vits14_focus, C = 384, output-buffer pool off): 2950 B/px + 65 MB at 224²,
+  448², 672² (estimate: 3160 B/px + 75 MB; ``tests/test_memory_estimate.py`` checks one real
+  tile). Before the channel groups it was ``(2.07 * C * 4 + 1130) * px + ~90 MiB`` (C = 16, 64,
+  384 at 448² and 896², the C = 384 rows in memory.json), which still holds for C <= 64.
 - one forward: ``max(backbone, upsampler) + C * N * 4`` (the low-res features stay alive)
-- image: ``15 * H * W`` (8-bit RGB + float32 tensor)
+- image: ``15 * H * W`` (8-bit RGB + float32 tensor); tiled runs of ``upfeat upsample`` hold it
+  as uint8 (``3 * H * W``) and convert one tile at a time (``12 * t²``)
 
 Untiled run = image + forward(H, W) (+ output, if kept in memory in another dtype); tiled runs:
 :mod:`upfeat.inference.planning`.
@@ -31,14 +37,17 @@ import re
 
 import torch
 
+from ..upsamplers.jbu import CHANNEL_GROUP
+
 __all__ = ["available_memory", "backbone_bytes", "format_bytes", "forward_bytes", "grid_size",
            "parse_bytes", "resident_memory", "upsampler_bytes"]
 
 MiB = 2**20
 K_BACKBONE = 26.0
 _INTERP = ("nearest", "bilinear", "bicubic")
-K_LEARNED, PER_PX_LEARNED, CONST_LEARNED = 2.2, 1200, 96 * MiB
+K_LEARNED, K_GROUP, PER_PX_LEARNED, CONST_LEARNED = 1.35, 0.72, 900, 72 * MiB
 IMAGE_BYTES_PER_PX = 15
+UINT8_IMAGE_BYTES_PER_PX = 3
 STREAM_BYTES = 16 * MiB  # mapped output pages resident while one block is written
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -120,7 +129,8 @@ def upsampler_bytes(model: torch.nn.Module, height: int, width: int) -> int:
     C = model.dim
     if not _learned(model):
         return C * 4 * px
-    return int((K_LEARNED * C * 4 + PER_PX_LEARNED) * px + CONST_LEARNED)
+    per_px = (K_LEARNED * C + K_GROUP * min(C, CHANNEL_GROUP)) * 4 + PER_PX_LEARNED
+    return int(per_px * px + CONST_LEARNED)
 
 
 def forward_bytes(model: torch.nn.Module, height: int, width: int) -> int:
