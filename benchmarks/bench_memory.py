@@ -101,6 +101,8 @@ def cli_row(spec: str) -> dict:
         r = subprocess.run(cmd, capture_output=True, text=True, check=False)  # failures are rows
         wall, load1 = time.time() - t0, os.getloadavg()
         peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)[1]) * 1024
+        cpu_s = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", r.stderr)[1])
+                    for k in ("User", "System"))
         out = Path(tmp) / "o" / f"{src.stem}.safetensors"
         plan = [ln for ln in r.stdout.splitlines() if ln.startswith(str(src))]
     errors = [ln for ln in (r.stdout + r.stderr).splitlines()
@@ -110,6 +112,7 @@ def cli_row(spec: str) -> dict:
             "peak_over_budget": round(peak / parse_bytes(budget), 3), "seconds": round(wall, 1),
             "load_before": round(load0[0], 2), "load_after_1min": round(load1[0], 2),
             "load_after_15min": round(load1[2], 2), "cpus": os.cpu_count(),
+            "cpu_seconds": round(cpu_s, 1), "nice": os.nice(0),
             "plan": plan[0] if plan else None, "errors": errors[:2],
             "date": time.strftime("%Y-%m-%d %H:%M")}
 

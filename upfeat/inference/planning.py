@@ -10,8 +10,8 @@ Tiled run = the larger of its two stages, both holding the image and the low-res
 ``C * N * 4``:
 
 - stage 1: + backbone on the whole image, or on one backbone tile if that does not fit;
-- stage 2: + upsampler on one tile of ``T x T`` px (its result included; the tile's owned part
-  goes straight to the output), + the output if it is held in memory (``C * H * W * itemsize``)
+- stage 2: + upsampler on one tile of ``T x T`` px (the tile's owned part goes straight to
+  the output: one channel group at a time for the JBU stack, else its whole result), + the output if it is held in memory (``C * H * W * itemsize``)
   or, when it streams to a file (``upfeat upsample``), the pages of one written channel group
   (:data:`~upfeat.inference.memory.STREAM_BYTES`,
   :class:`upfeat.inference.featfile.MappedFeatures`).
@@ -271,7 +271,7 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
 
     def stage2(t: int) -> int:  # ... + the upsampler on one tile (+ the output or its pages)
         h, w = min(t, H), min(t, W)
-        return held + window * h * w + low + upsampler_bytes(model, h, w) + kept
+        return held + window * h * w + low + upsampler_bytes(model, h, w, result=False) + kept
 
     ov_b = BACKBONE_OVERLAP_CELLS * s
     ov_u = default_overlap(getattr(model.upsampler, "name", ""), s) if overlap is None else overlap

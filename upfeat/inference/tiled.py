@@ -27,13 +27,13 @@ backbone is tiled last.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Iterator
 
 import torch
 
 from .._checks import ShapeError, check_image, check_shape
+from .memory import takes_sink
 from .planning import TilePlan, owned_spans
 
 __all__ = ["axis_weights", "lowres_tiled", "pixels", "upsample_blocks", "upsample_tiled"]
@@ -133,7 +133,7 @@ def upsample_blocks(upsampler: torch.nn.Module, lowres: torch.Tensor, img: torch
     straight from the last step for upsamplers that take a ``sink`` (the JBU stack, one channel
     group at a time under ``torch.inference_mode``, so the whole tile's result is never held),
     else all channels at once."""
-    if "sink" in inspect.signature(upsampler.forward).parameters:
+    if takes_sink(upsampler):
         upsampler(lowres, img, sink=emit)
     else:
         emit(upsampler(lowres, img), 0)
