@@ -124,13 +124,19 @@ def cli_rows(specs: list[str]) -> None:
         rows.append(cli_row(spec))
         path.write_text(json.dumps(rows, indent=1) + "\n")
         print(json.dumps(rows[-1]), flush=True)
-    lines = ["| image | budget | upsampler | exit | peak RSS | peak / budget | time | load (1 min, "
-             "before / after) | date |", "|---|---|---|---|---|---|---|---|---|"]
+    write_md(rows)
+
+
+def write_md(rows: list[dict]) -> None:
+    """Rewrite memory_cli.md from the rows of memory_cli.json."""
+    lines = ["| image | budget | upsampler | exit | peak RSS | peak / budget | time | CPU-s "
+             "(user + sys) | load (1 min, before / after) | date |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['budget']} | {r['upsampler']} | {r['exit']} | "
                      f"{r['peak_rss'] / 1e9:.2f} GB | {r['peak_over_budget']:.2f} | "
-                     f"{r['seconds'] / 60:.1f} min | {r['load_before']} / {r['load_after_1min']}"
-                     f" | {r['date']} |")
+                     f"{r['seconds'] / 60:.1f} min | {r.get('cpu_seconds', '')} | "
+                     f"{r['load_before']} / {r['load_after_1min']} | {r['date']} |")
     (OUT / "memory_cli.md").write_text(
         "# `upfeat upsample` peak RSS vs --max-memory (float16 output, 2-core shared CPU)\n\n"
         + "\n".join(lines) + "\n\nMade by `python benchmarks/bench_memory.py --cli ...`; "
