@@ -101,6 +101,8 @@ def cli_row(spec: str) -> dict:
         r = subprocess.run(cmd, capture_output=True, text=True, check=False)  # failures are rows
         wall, load1 = time.time() - t0, os.getloadavg()
         peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)[1]) * 1024
+        cpu_s = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", r.stderr)[1])
+                    for k in ("User", "System"))
         out = Path(tmp) / "o" / f"{src.stem}.safetensors"
         plan = [ln for ln in r.stdout.splitlines() if ln.startswith(str(src))]
     errors = [ln for ln in (r.stdout + r.stderr).splitlines()
@@ -110,6 +112,7 @@ def cli_row(spec: str) -> dict:
             "peak_over_budget": round(peak / parse_bytes(budget), 3), "seconds": round(wall, 1),
             "load_before": round(load0[0], 2), "load_after_1min": round(load1[0], 2),
             "load_after_15min": round(load1[2], 2), "cpus": os.cpu_count(),
+            "cpu_seconds": round(cpu_s, 1), "nice": os.nice(0),
             "plan": plan[0] if plan else None, "errors": errors[:2],
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
@@ -121,13 +124,19 @@ def cli_rows(specs: list[str]) -> None:
         rows.append(cli_row(spec))
         path.write_text(json.dumps(rows, indent=1) + "\n")
         print(json.dumps(rows[-1]), flush=True)
-    lines = ["| image | budget | upsampler | exit | peak RSS | peak / budget | time | load (1 min, "
-             "before / after) | date |", "|---|---|---|---|---|---|---|---|---|"]
+    write_md(rows)
+
+
+def write_md(rows: list[dict]) -> None:
+    """Rewrite memory_cli.md from the rows of memory_cli.json."""
+    lines = ["| image | budget | upsampler | exit | peak RSS | peak / budget | time | CPU-s "
+             "(user + sys) | load (1 min, before / after) | date |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['budget']} | {r['upsampler']} | {r['exit']} | "
                      f"{r['peak_rss'] / 1e9:.2f} GB | {r['peak_over_budget']:.2f} | "
-                     f"{r['seconds'] / 60:.1f} min | {r['load_before']} / {r['load_after_1min']}"
-                     f" | {r['date']} |")
+                     f"{r['seconds'] / 60:.1f} min | {r.get('cpu_seconds', '')} | "
+                     f"{r['load_before']} / {r['load_after_1min']} | {r['date']} |")
     (OUT / "memory_cli.md").write_text(
         "# `upfeat upsample` peak RSS vs --max-memory (float16 output, 2-core shared CPU)\n\n"
         + "\n".join(lines) + "\n\nMade by `python benchmarks/bench_memory.py --cli ...`; "

@@ -182,7 +182,7 @@ def test_plan_memory_for_a_10000px_image():
     budget = parse_bytes("4GB")
     mem = plan_memory(model, (10000, 10000), budget, torch.float16, output_in_memory=False)
     assert mem.output == 384 * 10000 * 10000 * 2
-    assert mem.untiled > 100 * budget  # one pass: ~0.5 TB
+    assert mem.untiled > 50 * budget  # one pass: ~0.3 TB
     assert mem.is_tiled and mem.tiled <= budget
     p, b = mem.plan, mem.backbone_plan
     assert p.tile % 14 == 0 and p.tile >= 2 * p.overlap and p.overlap == 8 * 14

@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..io import ImageReadError, to_tensor
+from ..io import ImageReadError
 from .featfile import DTYPES, FORMATS, MappedFeatures, write_features
 from .jobs import Item, list_items, prepare
 
@@ -159,6 +159,41 @@ def remove_stale_temps(item: Item) -> int:
 
 
 @contextlib.contextmanager
+def lean_memory():
+    """Make freed memory leave the process, so what a budgeted run holds is what it uses:
+
+    - the C++ kernels' pool of freed output buffers (up to ``UPFEAT_POOL_MB``, 1 GB by default,
+      kept for reuse) is off, the previous limit restored on exit;
+    - glibc (Linux) returns freed blocks of 1 MiB and more to the OS at once: by default its
+      thresholds grow to 32 / 64 MiB after the first large frees, and a tile's channel groups
+      then stay resident after they are freed (~50-80 MB measured per tile; this one stays).
+    """
+    import ctypes
+    import os
+
+    from ..ops.adaptive_conv import cpu
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2**20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+    old = os.environ.get("UPFEAT_POOL_MB")
+    os.environ["UPFEAT_POOL_MB"] = "0"  # read when the extension loads (first JBU call)
+    if cpu.load_extension.cache_info().currsize:
+        cpu.load_extension().set_cache_limit(0)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("UPFEAT_POOL_MB")
+        else:
+            os.environ["UPFEAT_POOL_MB"] = old
+        if cpu.load_extension.cache_info().currsize:
+            cpu.load_extension().set_cache_limit(int(float(old or 1024) * 2**20))
+
+
+@contextlib.contextmanager
 def sigterm_as_exit():
     """SIGTERM raises SystemExit (143) instead of killing the process outright, so temporary
     files are removed on the way out as on Ctrl-C (main thread only; elsewhere a no-op)."""
@@ -180,9 +215,12 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
     """Compute and write the outputs of one image (``settings``: :func:`settings_of`); raises on
     failure. ``base``: bytes the process holds before any image (measured once per run, so the
     tile plan, hence a tiled backbone's output, never depends on the images processed before)."""
+    import numpy as np
+
     from .memory import format_bytes, resident_memory
     from .planning import plan_memory
-    from .tiled import upsample_tiled
+    from .preview import Preview, preview_bytes
+    from .tiled import lowres_tiled, pixels, upsample_blocks, upsample_tiled
     img, original = prepare(item.src, cfg.size, cfg.max_side)
     dtype = DTYPES[cfg.dtype][0]
     item.out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,11 +230,15 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
         raise OSError(f"the {model.dim}x{img.height}x{img.width} {cfg.dtype} output needs "
                       f"{format_bytes(need)} on disk, only {format_bytes(free)} free in "
                       f"{item.out.parent}; use --max-side, --size or --dtype float16")
+    extra = preview_bytes(img.height, img.width) if item.png is not None else 0
     mem = plan_memory(model, (img.height, img.width), budget, dtype, output_in_memory=False,
-                      tile=cfg.tile, base=resident_memory() if base is None else base)
+                      tile=cfg.tile, base=resident_memory() if base is None else base,
+                      extra=extra, uint8_image=True)
     if mem.is_tiled:
         note(mem.message(str(item.src)))
-    x = to_tensor(img).to(device)
+    # uint8, converted window by window (tiled.pixels): 3 bytes per pixel held, not 12
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None]
+    x = x.to(device)
     del img
     H, W = mem.size
     meta = {"format": "upfeat.features/1", "backbone": cfg.backbone, "upsampler": cfg.upsampler,
@@ -205,32 +247,35 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
             "dtype": cfg.dtype, "tiles": mem.plan.n_tiles,
             "backbone_tiles": mem.backbone_plan.n_tiles, "upfeat_version": __version__,
             "settings": settings}
+    n_bb = mem.backbone_plan.n_tiles if mem.backbone_plan.tiled else 0
+    total = n_bb + mem.plan.n_tiles
+    t0, done = time.perf_counter(), 0
+
+    def tick(now: int | None = None) -> None:  # per tile: the bar's postfix (it counts images)
+        nonlocal done
+        done = done + 1 if now is None else now
+        rate = (time.perf_counter() - t0) / done
+        note(f"tile {done}/{total}, {rate:.1f} s/tile, ~{rate * (total - done) / 60:.0f} min "
+             f"left", True)
 
     def fill(out: MappedFeatures) -> None:
         with torch.inference_mode():
-            if mem.is_tiled:
-                _, lowres = upsample_tiled(model, x, mem.plan, mem.backbone_plan,
-                                           progress=lambda d, n: note(f"tile {d}/{n}", True),
-                                           write=lambda b, y0, x0: out.write(b[0], y0, x0))
+            lowres = lowres_tiled(model, x, mem.backbone_plan, progress=tick)
+            preview = Preview(x[0], lowres[0], model.stride) if item.png is not None else None
+
+            def write(block: torch.Tensor, y0: int, x0: int, c0: int) -> None:
+                out.write(block[0], y0, x0, c0)
+                if preview is not None:
+                    preview.add(block[0], y0, x0, c0)
+            if mem.plan.tiled:
+                upsample_tiled(model, x, mem.plan, lowres=lowres, write=write,
+                               progress=lambda d, n: tick(n_bb + d))
             else:
-                lowres = model.lowres(x)
-                out.write(model.upsampler(lowres, x)[0])
-            if item.png is not None:
-                save_viz(item.png, x[0], lowres[0], out.tensor, model.stride)
-                out.release()
+                upsample_blocks(model.upsampler, lowres, pixels(x), lambda b, c0: write(b, 0, 0, c0))
+            if preview is not None:
+                preview.save(item.png)
 
     write_features(item.out, (model.dim, H, W), dtype, meta, fill)
-
-
-def save_viz(path: Path, img: torch.Tensor, lowres: torch.Tensor, feats: torch.Tensor,
-             stride: int, max_side: int = 1024) -> None:
-    """PNG ``image | low-res PCA | upsampled PCA`` side by side (PCA basis fitted on the low-res
-    features), written atomically; maps over ``max_side`` are subsampled. Shapes ``(3|C, H, W)``."""
-    from ..checkpoint import atomic_write
-    from ..viz import pca_panels, save_row
-    step = max(1, -(-max(feats.shape[-2:]) // max_side))
-    panels = pca_panels(img, lowres, [feats], stride, step=step)
-    atomic_write(path, lambda tmp: save_row(panels, tmp))
 
 
 def _one_line(item: Item, e: BaseException) -> str:
@@ -318,7 +363,7 @@ def run(cfg: UpsampleConfig) -> Summary:
 
     base = resident_memory()  # once: every image is planned against the same baseline
     t0 = time.perf_counter()
-    with sigterm_as_exit():
+    with sigterm_as_exit(), lean_memory():
         for item in bar:
             stale = remove_stale_temps(item)
             if stale:

@@ -89,21 +89,21 @@ class MappedFeatures:
                             offset=self.offset)
         self.tensor = torch.from_numpy(arr.reshape(shape))
 
-    def write(self, block: torch.Tensor, y0: int = 0, x0: int = 0) -> None:
-        """Store ``block`` ``(C, h, w)`` (any float dtype, any device) at rows ``y0:y0+h``,
-        columns ``x0:x0+w`` (cast to the file's dtype)."""
+    def write(self, block: torch.Tensor, y0: int = 0, x0: int = 0, c0: int = 0) -> None:
+        """Store ``block`` ``(c, h, w)`` (any float dtype, any device) at channels ``c0:c0+c``,
+        rows ``y0:y0+h``, columns ``x0:x0+w`` (cast to the file's dtype)."""
         C, H, W = self.shape
         c, h, w = block.shape
-        if c != C or y0 < 0 or x0 < 0 or y0 + h > H or x0 + w > W:
-            raise ValueError(f"block {tuple(block.shape)} at ({y0}, {x0}) does not fit "
+        if min(c0, y0, x0) < 0 or c0 + c > C or y0 + h > H or x0 + w > W:
+            raise ValueError(f"block {tuple(block.shape)} at ({c0}, {y0}, {x0}) does not fit "
                              f"{self.shape}")
         # bytes one channel touches: whole pages of each of its h row segments
         per_channel = h * (w * self.itemsize if w == W else w * self.itemsize + mmap.PAGESIZE)
         step = max(1, self.group_bytes // max(1, per_channel))
-        for c0 in range(0, C, step):
-            c1 = min(C, c0 + step)
-            self.tensor[c0:c1, y0:y0 + h, x0:x0 + w].copy_(block[c0:c1])
-            self.release(c0, c1, y0, y0 + h)
+        for i in range(0, c, step):
+            j = min(c, i + step)
+            self.tensor[c0 + i:c0 + j, y0:y0 + h, x0:x0 + w].copy_(block[i:j])
+            self.release(c0 + i, c0 + j, y0, y0 + h)
 
     def release(self, c0: int = 0, c1: int | None = None, y0: int = 0, y1: int | None = None,
                 ) -> None:

@@ -10,35 +10,49 @@ bilinear / JBU from 224² to 896², and are rough for other backbones. For an ``
 ``px = Hp * Wp`` pixels padded to the stride ``s``, ``N = px / s²`` tokens and ``C = dim``:
 
 - backbone:   ``26 * N * C * 4`` (ViT-S/14 measured 20.5-25.4; attention is fused, so linear in N)
-- upsampler:  nearest / bilinear / bicubic ``C * 4 * px`` (the output, measured exactly);
-  JBU stack and other learned ones ``(2.2 * C * 4 + 1200) * px + 96 MiB`` (fitted
-  ``(2.07 * C * 4 + 1130) * px + ~90 MiB`` from one-off runs of the same measurement at 448²
-  and 896² for C = 16, 64, 384; the C = 384 rows are in memory.json)
+- upsampler:  nearest / bilinear / bicubic ``C * 4 * px`` (the output, measured exactly).
+  JBU stack (any upsampler whose ``forward`` takes a ``sink``, :func:`takes_sink`):
+  ``(0.4 * C + 1.2 * G) * 4 * px + 900 * px + 72 MiB`` with ``G = min(C, 64)``, plus the
+  ``C * 4 * px`` result when it is held (``result=True``). Under ``torch.inference_mode`` each
+  JBU step upsamples :data:`~upfeat.upsamplers.jbu.CHANNEL_GROUP` = 64 channels at a time, and
+  with a sink the last step's groups go straight to the output file, so only the last step's
+  input (``0.33 * C * 4`` per px) grows with C. Measured for the shipped stack (vits14_focus, C =
+  384, streamed, output-buffer pool off, ``tests/test_memory_estimate.py`` checks one tile):
+  135 / 396 / 789 MB at 224² / 448² / 672² (~1650 B/px + ~60 MB; estimate 167 / 441 / 897 MB).
+  Other learned upsamplers: ``(2.2 * C * 4 + 1200) * px + 96 MiB`` (fitted ``(2.07 * C * 4 +
+  1130) * px + ~90 MiB`` at 448² and 896² for C = 16, 64, 384 before the channel groups;
+  the C = 384 rows are in memory.json).
 - one forward: ``max(backbone, upsampler) + C * N * 4`` (the low-res features stay alive)
-- image: ``15 * H * W`` (8-bit RGB + float32 tensor)
+- image: ``15 * H * W`` (8-bit RGB + float32 tensor); tiled runs of ``upfeat upsample`` hold it
+  as uint8 (``3 * H * W``) and convert one tile at a time (``12 * t²``)
 
 Untiled run = image + forward(H, W) (+ output, if kept in memory in another dtype); tiled runs:
 :mod:`upfeat.inference.planning`.
 
 Whole ``upfeat upsample`` runs (peak RSS of the process, output streamed) are measured by
-``bench_memory.py --cli`` (``benchmarks/results/memory_cli.md``): 2000x1500 at 1 GB with
-bilinear peaked at 1.07 x the budget.
+``bench_memory.py --cli`` (``benchmarks/results/memory_cli.md``): 2000x1500 at 1 GB with the
+JBU peaked at 1.01 x the budget (224-px tiles: ~850 MB of the 1 GB is torch and the model).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 
 import torch
 
+from ..upsamplers.jbu import CHANNEL_GROUP
+
 __all__ = ["available_memory", "backbone_bytes", "format_bytes", "forward_bytes", "grid_size",
-           "parse_bytes", "resident_memory", "upsampler_bytes"]
+           "parse_bytes", "resident_memory", "takes_sink", "upsampler_bytes"]
 
 MiB = 2**20
 K_BACKBONE = 26.0
 _INTERP = ("nearest", "bilinear", "bicubic")
-K_LEARNED, PER_PX_LEARNED, CONST_LEARNED = 2.2, 1200, 96 * MiB
+K_LEARNED, K_GROUP, PER_PX_LEARNED, CONST_LEARNED = 0.4, 1.0, 800, 8 * MiB
+K_OTHER, PER_PX_OTHER, CONST_OTHER = 2.2, 1200, 96 * MiB
 IMAGE_BYTES_PER_PX = 15
+UINT8_IMAGE_BYTES_PER_PX = 3
 STREAM_BYTES = 16 * MiB  # mapped output pages resident while one block is written
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -114,13 +128,23 @@ def backbone_bytes(model: torch.nn.Module, height: int, width: int) -> int:
     return int((K_BACKBONE + 1) * tokens * model.dim * 4)
 
 
-def upsampler_bytes(model: torch.nn.Module, height: int, width: int) -> int:
-    """Estimated peak bytes of the upsampler on one image, including its float32 result."""
+def takes_sink(upsampler: torch.nn.Module) -> bool:
+    """Whether ``upsampler(feats, image, sink=...)`` hands its result over in channel blocks
+    (:meth:`upfeat.upsamplers.JBUStack.forward`) instead of returning it."""
+    return "sink" in inspect.signature(upsampler.forward).parameters
+
+
+def upsampler_bytes(model: torch.nn.Module, height: int, width: int, result: bool = True) -> int:
+    """Estimated peak bytes of the upsampler on one image; ``result``: including its float32
+    result (``False``: the result goes to a sink channel group by group, :func:`takes_sink`)."""
     px, _ = grid_size(model, height, width)
     C = model.dim
     if not _learned(model):
         return C * 4 * px
-    return int((K_LEARNED * C * 4 + PER_PX_LEARNED) * px + CONST_LEARNED)
+    if not takes_sink(model.upsampler):
+        return int((K_OTHER * C * 4 + PER_PX_OTHER) * px + CONST_OTHER)
+    per_px = (K_LEARNED * C + K_GROUP * min(C, CHANNEL_GROUP)) * 4 + PER_PX_LEARNED
+    return int(per_px * px + CONST_LEARNED + (C * 4 * px if result else 0))
 
 
 def forward_bytes(model: torch.nn.Module, height: int, width: int) -> int:

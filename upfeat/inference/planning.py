@@ -10,8 +10,8 @@ Tiled run = the larger of its two stages, both holding the image and the low-res
 ``C * N * 4``:
 
 - stage 1: + backbone on the whole image, or on one backbone tile if that does not fit;
-- stage 2: + upsampler on one tile of ``T x T`` px (its result included; the tile's owned part
-  goes straight to the output), + the output if it is held in memory (``C * H * W * itemsize``)
+- stage 2: + upsampler on one tile of ``T x T`` px (the tile's owned part goes straight to
+  the output: one channel group at a time for the JBU stack, else its whole result), + the output if it is held in memory (``C * H * W * itemsize``)
   or, when it streams to a file (``upfeat upsample``), the pages of one written channel group
   (:data:`~upfeat.inference.memory.STREAM_BYTES`,
   :class:`upfeat.inference.featfile.MappedFeatures`).
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import (IMAGE_BYTES_PER_PX, STREAM_BYTES, backbone_bytes, format_bytes, forward_bytes,
-                     grid_size, upsampler_bytes)
+from .memory import (IMAGE_BYTES_PER_PX, STREAM_BYTES, UINT8_IMAGE_BYTES_PER_PX, backbone_bytes,
+                     format_bytes, forward_bytes, grid_size, upsampler_bytes)
 
 __all__ = ["BACKBONE_OVERLAP_CELLS", "MemoryPlan", "TilePlan", "default_overlap", "owned_spans",
            "plan_memory", "plan_tiles"]
@@ -217,7 +217,8 @@ def _largest(cost: Callable[[int], int], budget: int, lo: int, hi: int, s: int) 
 def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
                 dtype: torch.dtype = torch.float32, output_in_memory: bool = True,
                 tile: int | None = None, overlap: int | None = None,
-                backbone_tile: int | None = None, base: int = 0) -> MemoryPlan:
+                backbone_tile: int | None = None, base: int = 0, extra: int = 0,
+                uint8_image: bool = False) -> MemoryPlan:
     """Estimate one image's run; if it exceeds ``budget`` bytes, pick tiles for each stage.
 
     Args:
@@ -231,6 +232,9 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
             :data:`BACKBONE_OVERLAP_CELLS` cells).
         base: bytes the process already holds (e.g. :func:`~upfeat.inference.memory.resident_memory` after loading the
             model); the run gets ``budget - base``.
+        extra: bytes held through the whole run besides (e.g. the ``--viz`` preview panels).
+        uint8_image: the image is held as uint8 and converted one tile at a time
+            (:func:`upfeat.inference.tiled.pixels`), instead of held as float32.
 
     The backbone runs in one pass whenever that fits and has at most
     :data:`WHOLE_BACKBONE_TOKENS` tokens (it is the only stage whose features change when
@@ -241,8 +245,10 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
     (H, W), s, C = size, model.stride, model.dim
     output = C * H * W * torch.empty((), dtype=dtype).element_size()
     image, low = IMAGE_BYTES_PER_PX * H * W, C * grid_size(model, H, W)[1] * 4
+    held = (UINT8_IMAGE_BYTES_PER_PX if uint8_image else IMAGE_BYTES_PER_PX) * H * W + extra
+    window = IMAGE_BYTES_PER_PX - UINT8_IMAGE_BYTES_PER_PX if uint8_image else 0  # per tile px
     converted = output_in_memory and dtype != torch.float32  # a second copy in another dtype
-    untiled = image + forward_bytes(model, H, W) + (output if converted else 0)
+    untiled = image + extra + forward_bytes(model, H, W) + (output if converted else 0)
     full = max(-(-H // s), -(-W // s)) * s
     one = plan_tiles((H, W), s, full, 0)
     total, budget = budget, budget - base  # what the run itself may use
@@ -260,10 +266,12 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
     kept = output if output_in_memory else STREAM_BYTES
 
     def stage1(t: int) -> int:  # image + low-res features + the backbone on one tile
-        return image + low + backbone_bytes(model, min(t, H), min(t, W))
+        h, w = min(t, H), min(t, W)
+        return held + window * h * w + low + backbone_bytes(model, h, w)
 
     def stage2(t: int) -> int:  # ... + the upsampler on one tile (+ the output or its pages)
-        return image + low + upsampler_bytes(model, min(t, H), min(t, W)) + kept
+        h, w = min(t, H), min(t, W)
+        return held + window * h * w + low + upsampler_bytes(model, h, w, result=False) + kept
 
     ov_b = BACKBONE_OVERLAP_CELLS * s
     ov_u = default_overlap(getattr(model.upsampler, "name", ""), s) if overlap is None else overlap

@@ -23,6 +23,10 @@ from ._registry import register_upsampler
 from .base import Upsampler, check_size, resize_area
 
 FIXUPS = ("zero_sum", "featup", "none")
+Sink = Callable[[torch.Tensor, int], None]  # sink(block (B, c, H, W), c0): channels c0:c0+c
+CHANNEL_GROUP = 64
+"""Channels a :class:`JBULayer` upsamples at a time under ``torch.inference_mode`` (the peak
+memory of a step then grows with ``CHANNEL_GROUP``, not with C: ``upfeat.inference.memory``)."""
 
 
 def _bicubic_matrix(n_in: int, n_out: int, r: int, like: torch.Tensor) -> torch.Tensor:
@@ -167,7 +171,12 @@ class JBULayer(nn.Module):
         return out.view(B, k2, H, W)
 
     def forward(self, feats: torch.Tensor, guidance: torch.Tensor,
-                output_size: tuple[int, int] | None = None) -> torch.Tensor:
+                output_size: tuple[int, int] | None = None,
+                sink: Sink | None = None) -> torch.Tensor | None:
+        """Upsample ``feats``; with ``sink``, hand the result over as ``sink(block, c0)``
+        (channels ``c0:c0 + block.shape[1]``) instead of returning it: under
+        ``torch.inference_mode`` one :data:`CHANNEL_GROUP` at a time, so the full result is
+        never held."""
         f = check_shape(feats, ["B", "C", "h", "w"], "feats")
         g = check_shape(guidance, ["B", "D", "H", "W"], "guidance")
         check_floating(feats, "feats")
@@ -176,8 +185,28 @@ class JBULayer(nn.Module):
             raise ShapeError(f"JBULayer(dim={self.dim}, guidance_dim={self.guidance_dim}) got feats "
                              f"{tuple(feats.shape)} and guidance {tuple(guidance.shape)}")
         size = (2 * f["h"], 2 * f["w"]) if output_size is None else check_size(output_size)
-        up = bicubic_padded(feats, size, self.radius)
-        return adaptive_conv(up, self.kernel(resize_area(guidance, size)))
+        group = CHANNEL_GROUP if torch.is_inference_mode_enabled() else f["C"]
+        if group >= f["C"]:
+            up = bicubic_padded(feats, size, self.radius)
+            out = adaptive_conv(up, self.kernel(resize_area(guidance, size)))
+            if sink is None:
+                return out
+            sink(out, 0)
+            return None
+        # Inference: the kernel is shared by all channels, so the padded bicubic map (the
+        # largest intermediate, C x (H+2r) x (W+2r)) is only built for a few channels at a time;
+        # same result, ~half the peak memory of one full-resolution step.
+        w = self.kernel(resize_area(guidance, size))
+        out = feats.new_empty(f["B"], f["C"], *size) if sink is None else None
+        for c0 in range(0, f["C"], group):
+            up = bicubic_padded(feats[:, c0:c0 + group], size, self.radius)
+            block = adaptive_conv(up, w)
+            del up
+            if out is None:
+                sink(block, c0)
+            else:
+                out[:, c0:c0 + group] = block
+        return out
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, radius={self.radius}, kernel_fixup={self.fixup_mode!r}, "
@@ -274,12 +303,17 @@ class JBUStack(Upsampler):
 
     def forward(self, feats: torch.Tensor, image: torch.Tensor,
                 output_size: tuple[int, int] | None = None,
-                mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                mix: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                sink: Sink | None = None) -> torch.Tensor | None:
         """Upsample; with ``mix`` (a per-pixel linear map of channels, e.g. training's random
         projection C -> 30) return ``mix(upsampled)``. Every step after the residual applies one
         spatial operator to each channel alike, so it commutes with ``mix``: when
         :attr:`channel_separable`, ``mix`` runs on the low-res features and the steps upsample
-        its few channels instead of C (same result up to rounding, C/30 times less work)."""
+        its few channels instead of C (same result up to rounding, C/30 times less work).
+
+        ``sink``: hand the result over in channel blocks, ``sink(block, c0)``, and return
+        ``None``; under ``torch.inference_mode`` the last step then never holds the whole
+        ``(B, dim, H', W')`` result (:meth:`JBULayer.forward`)."""
         geo = self.geometry(feats, image, output_size)
         image = geo.pad_image(image).to(feats.dtype)
         # Every step maps each channel by the same spatial operator whose rows sum to 1 (unless
@@ -296,7 +330,14 @@ class JBUStack(Upsampler):
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1 and self.last_step == "jbu"
             size = geo.grid if last else (h << (i + 1), w << (i + 1))
+            if last and sink is not None and early and mix is None:  # nothing left to mix
+                return layer(x, resize_area(image, size), size,
+                             sink=lambda block, c0: sink(geo.crop(block), c0))
             x = layer(x, resize_area(image, size), size)
         x = geo.crop(resize_area(x, geo.grid))  # resize: no-op unless last_step="resize"
         x = x if early else x + 0.1 * self.residual(x)
-        return x if mix is None else mix(x)
+        x = x if mix is None else mix(x)
+        if sink is None:
+            return x
+        sink(x, 0)
+        return None
