@@ -218,12 +218,14 @@ def main() -> int:
     setup = "; ".join(f"{k}: {v['meta']['train images']} train / {v['meta']['eval images']} eval "
                       f"images at {v['meta']['size (H, W)'][0]}x{v['meta']['size (H, W)'][1]}"
                       for k, v in results.items())
-    decays = " / ".join(f"{k} {v['meta']['weight decay']:g}" for k, v in results.items())
+    decays = " / ".join(f"{k} {v['meta']['weight decay']:g}" + (
+        " (cross-validated on train sequences, bilinear features)"
+        if "weight decay CV (bilinear, train split)" in v["meta"] else "")
+        for k, v in results.items())
     md = [f"# upfeat evaluation: {args.backbone}, linear probes", "",
           combined_table(results), "",
           f"{setup}; 1500 px per train image, seed 0, {args.max_iter} L-BFGS iterations, weight "
-          f"decay {decays}"
-          f"{' (cross-validated on train sequences, bilinear features)' if wd == 'cv' else ''}; rows: "
+          f"decay {decays}; rows: "
           f"{', '.join(specs)}; torch threads: {torch.get_num_threads()}; total "
           f"{total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f} min' for k, v in seconds.items())}). "
           f"Row times exclude the shared backbone pass.", *(f"- {n}" for n in notes)]
