@@ -70,6 +70,7 @@ import torch
 
 import upfeat
 from upfeat.eval.cache import CachedBackbone, FeatureCache
+from upfeat.eval.cv import CV_META, parse_weight_decay
 from upfeat.eval.datasets import davis_split
 from upfeat.eval.report import fmt_score, json_safe
 from upfeat.eval.suite import cam_suite, probe_suite
@@ -135,6 +136,14 @@ def sanity(results: dict[str, dict]) -> list[str]:
     return bad
 
 
+def _weight_decay_arg(text: str) -> float | str | None:
+    """``--weight-decay``: ``default`` (None), ``cv`` or a number >= 0."""
+    try:
+        return None if text == "default" else parse_weight_decay(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=ROWS, help=f"comma-separated upsamplers (default {ROWS})")
@@ -144,7 +153,8 @@ def main() -> int:
     p.add_argument("--davis-train", type=int, default=48, help="DAVIS train frames (of 95)")
     p.add_argument("--davis-eval", type=int, default=48, help="DAVIS val frames (of 99)")
     p.add_argument("--max-iter", type=int, default=200, help="L-BFGS iterations of every probe")
-    p.add_argument("--weight-decay", default="default",
+    p.add_argument("--weight-decay", default=None, metavar="{default,cv,NUMBER}",
+                   type=_weight_decay_arg,
                    help="probe weight decay: 'default' (seg 1e-4, fg/bg 0.1), 'cv' (per backbone "
                         "and dataset, by cross-validation over train sequences on bilinear "
                         "features) or a number")
@@ -180,8 +190,6 @@ def main() -> int:
     if args.out is None:  # one folder per backbone, the default one's at the top
         args.out = OUT if args.backbone == "vits14_focus" else OUT / args.backbone
 
-    wd = None if args.weight_decay == "default" else (
-        "cv" if args.weight_decay == "cv" else float(args.weight_decay))
     bb = CachedBackbone(upfeat.backbones.create(args.backbone), FeatureCache(memory_mb=3072))
     counts = {"camvid": (args.camvid_train, args.camvid_eval), "davis": (args.davis_train, args.davis_eval)}
     results = {}
@@ -190,7 +198,7 @@ def main() -> int:
         print(f"== {name} {SIZES[name]}: {', '.join(specs)}", flush=True)
         results[name] = probe_suite(DATA / name, specs, backbone=bb, size=SIZES[name],
                                     out=args.out, max_iter=args.max_iter, show=args.show,
-                                    weight_decay=wd,
+                                    weight_decay=args.weight_decay,
                                     max_train=counts[name][0], max_eval=counts[name][1],
                                     progress=args.progress, log=print)
         seconds[name] = time.perf_counter() - t
@@ -220,7 +228,7 @@ def main() -> int:
                       for k, v in results.items())
     decays = " / ".join(f"{k} {v['meta']['weight decay']:g}" + (
         " (cross-validated on train sequences, bilinear features)"
-        if "weight decay CV (bilinear, train split)" in v["meta"] else "")
+        if CV_META in v["meta"] else "")
         for k, v in results.items())
     md = [f"# upfeat evaluation: {args.backbone}, linear probes", "",
           combined_table(results), "",

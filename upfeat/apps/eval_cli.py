@@ -40,19 +40,6 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option(help="Also cache backbone f
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 
-def _weight_decay(value: str | None) -> float | str | None:
-    """``--weight-decay``: None, ``cv`` or a number >= 0."""
-    if value is None or value == "cv":
-        return value
-    try:
-        wd = float(value)
-    except ValueError:
-        wd = float("nan")
-    if not wd >= 0:
-        raise ValueError(f"--weight-decay must be a number >= 0 or 'cv', got {value!r}")
-    return wd
-
-
 def _run(fn, **kwargs) -> dict:
     """Call ``fn`` logging to the terminal; bad input becomes one ``error:`` line, exit code 2,
     through the commands' :func:`~upfeat.apps._cli_errors.user_errors`."""
@@ -94,13 +81,14 @@ def probe(
     """Linear probe (1x1 conv) on upsampled features: train on 'train', report on --split.
 
     Seg / fg-bg also report boundary scores: mIoU / fg IoU over the pixels within d = 3 and 8 pixels (square window, at the evaluation size) of a ground-truth class boundary."""
+    from ..eval.cv import parse_weight_decay
     from ..eval.suite import probe_suite
 
     kw = {k: v for k, v in (("void_id", void_id), ("depth_scale", depth_scale)) if v is not None}
     _report(_run(probe_suite, data=data, upsamplers=upsampler, task=task,
                  backbone=backbone, size=tuple(size) if size else None, split=split, out=out,
                  pixels_per_image=pixels_per_image, seed=seed, max_iter=max_iter,
-                 weight_decay=_weight_decay(weight_decay), depth_loss=depth_loss, log_depth=log_depth,
+                 weight_decay=parse_weight_decay(weight_decay), depth_loss=depth_loss, log_depth=log_depth,
                  cache_mb=cache_mb, cache_dir=cache_dir, show=show, progress=progress,
                  dataset_kwargs=kw, max_train=max_train_images, max_eval=max_eval_images))
 

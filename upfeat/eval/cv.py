@@ -21,10 +21,30 @@ from .datasets import PixelDataset
 from .metrics import DepthMeter, SegMeter
 from .probe import Features, ProbeConfig, _sample_pixels, fit_probe
 
-__all__ = ["WEIGHT_DECAY_GRID", "cv_folds", "group_of", "select_weight_decay"]
+__all__ = ["CV_META", "WEIGHT_DECAY_GRID", "cv_folds", "group_of", "parse_weight_decay",
+           "select_weight_decay"]
 
 WEIGHT_DECAY_GRID = (1e-4, 1e-3, 1e-2, 0.1)
 SCORE = {"seg": "miou", "fgbg": "fg_iou", "depth": "rmse"}  # rmse: lower is better
+CV_META = "weight decay CV (bilinear, train split)"  # result meta key: {candidate: CV score}
+
+
+def parse_weight_decay(text: str | None) -> float | str | None:
+    """A ``--weight-decay`` value: ``None`` (the task's default), ``"cv"`` or a number >= 0.
+
+    Example:
+        >>> parse_weight_decay("cv"), parse_weight_decay("1e-3"), parse_weight_decay(None)
+        ('cv', 0.001, None)
+    """
+    if text is None or text == "cv":
+        return text
+    try:
+        wd = float(text)
+    except ValueError:
+        wd = float("nan")
+    if not wd >= 0:
+        raise ValueError(f"--weight-decay must be a number >= 0 or 'cv', got {text!r}")
+    return wd
 
 
 def group_of(name: str) -> str:

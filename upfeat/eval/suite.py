@@ -26,7 +26,7 @@ from . import report
 from .cache import CachedBackbone, FeatureCache
 from .cam import cam_faithfulness, fit_presence, presence_accuracy
 from .datasets import PixelDataset, auto_size, open_dataset, subset
-from .cv import select_weight_decay
+from .cv import CV_META, select_weight_decay
 from .features import FeatureSource, UpsamplerUnavailable, parse_spec, resolve, split_specs
 from .metrics import BOUNDARY_D
 from .probe import ProbeConfig, run_probe
@@ -192,7 +192,7 @@ def probe_suite(data: str | os.PathLike[str], upsamplers: Specs, task: str | Non
         t = time.perf_counter()
         wd, scores = select_weight_decay(resolve("bilinear", bb), train, cfg, progress=progress)
         cfg = replace(cfg, weight_decay=wd)
-        selection = {"weight decay CV (bilinear, train split)": scores,
+        selection = {CV_META: scores,
                      "weight decay CV seconds": round(time.perf_counter() - t, 1)}
         log(f"weight decay {wd:g} by cross-validation on the train split (bilinear features; "
             + ", ".join(f"{w:g}: {100 * v:.2f}" if cfg.task != "depth" else f"{w:g}: {v:.4f}"
