@@ -361,3 +361,30 @@ def test_train_options_are_generated_from_the_config(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["train", "--data", "a", "--out", str(tmp_path / "r"),
                                  "--workers", "-1"])
     assert r.exit_code == 2 and "workers must be an int >= 0" in r.stderr
+
+
+def test_view_targets_equal_one_call_per_view_and_bf16_is_close(real_image):
+    """The image and its views go through the frozen backbone in one batch: same features as
+    one call per view (float32, up to matmul blocking); under bfloat16 within ~1 %."""
+    from upfeat.jitter import apply_view, sample_views
+    from upfeat.train.objective import view_targets
+    torch.manual_seed(0)
+    net = upfeat.backbones.create("timm:vit_tiny_patch16_224", pretrained=False).eval()
+    img = torch.cat([real_image(64, 80), real_image(64, 80, "davis/images/cows/00000.jpg")])
+    views = sample_views(3, torch.Generator().manual_seed(0), (64, 80))
+    xs, lr, fs = view_targets(net, img, views)
+    with torch.no_grad():
+        want = [net(img)] + [net(apply_view(img, v)) for v in views]
+    assert len(xs) == len(fs) == 3 and all(torch.equal(x, apply_view(img, v)) for x, v in zip(xs, views))
+    for got, ref in zip([lr, *fs], want, strict=True):
+        assert got.shape == ref.shape == (2, net.dim, 4, 5) and got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    _, lr16, fs16 = view_targets(net, img, views, bf16=True)
+    for got, ref in zip([lr16, *fs16], want):
+        rel = ((got - ref).norm() / ref.norm()).item()
+        assert got.dtype == torch.float32 and 1e-5 < rel < 0.02, rel
+
+
+def test_backbone_precision_is_validated():
+    with pytest.raises(ValueError, match="backbone_precision must be one of"):
+        TrainConfig(backbone_precision="fp8")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..lr import warmup_cosine
 
 OBJECTIVES = ("multiview", "scale")
+BACKBONE_PRECISIONS = ("auto", "32-true", "bf16-true")
 
 # Fields that may change when a run is resumed (how it runs, not what it learns).
 RUNTIME_FIELDS = frozenset({"steps", "out", "resume", "devices", "strategy", "accelerator",
@@ -99,6 +100,10 @@ class TrainConfig:
     strategy: str = opt("auto, ddp, ddp_spawn, fsdp, ...", "auto")
     num_nodes: int = opt("Nodes (multi-node DDP; see docs/cli.md, 'Large datasets and clusters').", 1)
     precision: str = opt("32-true, bf16-mixed, 16-mixed.", "32-true")
+    backbone_precision: str = opt(
+        "The frozen backbone's (the targets'): auto (bf16-true where the hardware has native "
+        "bfloat16 products, e.g. AVX512-BF16/AMX CPUs, else 32-true), 32-true or bf16-true. "
+        "bfloat16 features differ ~0.5 % (relative L2).", "auto")
     ckpt_every: int = opt("Steps between checkpoints.", 100)
     log_every: int = opt("Steps between metrics.csv rows.", 1)
     progress: bool = opt("Show a progress bar.", True)
@@ -126,6 +131,8 @@ class TrainConfig:
         need(self.schedule in ("cosine", "constant"),
              f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip!r}")
+        need(self.backbone_precision in BACKBONE_PRECISIONS, f"backbone_precision must be one "
+             f"of {BACKBONE_PRECISIONS}, got {self.backbone_precision!r}")
         need(self.objective in OBJECTIVES,
              f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         need(self.recon_weight >= 0, f"recon_weight must be >= 0, got {self.recon_weight!r}")

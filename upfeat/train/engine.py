@@ -16,11 +16,12 @@ from tqdm.auto import tqdm
 
 from .. import __version__, backbones
 from ..checkpoint import CheckpointError, load_checkpoint, load_module_state, save_checkpoint, subdict
-from ..jitter import apply_view, sample_views
+from .._device import bf16_fast
+from ..jitter import sample_views
 from .config import TrainConfig
 from .data import FILE_LIST, STEP, TrainBatches, batch_loader, derive_seed, list_files
 from .log import CsvLog, plot_curve
-from .objective import MultiViewObjective
+from .objective import MultiViewObjective, view_targets
 from .scale import ScaleObjective, scale_crop, scale_targets
 from .state import optimizer_from_tensors, optimizer_to_tensors
 
@@ -85,6 +86,8 @@ def fit(cfg: TrainConfig) -> Path:
     nets = [fabric.to_device(backbones.create(name, **cfg.backbone_kwargs).requires_grad_(False).eval())
             for name in cfg.backbones]
     backbone = nets[0]
+    bf16 = cfg.backbone_precision == "bf16-true" or (
+        cfg.backbone_precision == "auto" and bf16_fast(fabric.device))
     crops = [2 * scale_crop(cfg.image_size, b.stride) if scale else cfg.image_size for b in nets]
     # the file list is cached in the run folder: a resumed run draws from the same list; a fresh
     # run lists anew (a list left by a run killed before its first checkpoint may be stale)
@@ -147,10 +150,8 @@ def fit(cfg: TrainConfig) -> Path:
             views = sample_views(cfg.views, torch.Generator().manual_seed(seed),
                                  tuple(image.shape[-2:]), max_zoom=cfg.max_zoom, max_pad=cfg.max_pad)
             net = nets[which]
+            view_images, lr_feats, view_feats = view_targets(net, image, views, bf16)
             with torch.no_grad():
-                lr_feats = net(image)
-                view_images = [apply_view(image, v) for v in views]
-                view_feats = [net(x) for x in view_images]
                 if len(nets) > 1:  # one loss scale for all (vgg16_hed's features are ~30x ViT's);
                     # the upsampler is linear in the features, so this changes only the loss scale
                     rms = lr_feats.pow(2).mean().sqrt().clamp_min(1e-6)

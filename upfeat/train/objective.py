@@ -10,6 +10,28 @@ from ..losses import MultiViewLoss
 from ..losses.projection import project, random_projection
 from .config import TrainConfig
 
+BACKBONE_CHUNK = 16
+"""Images per frozen-backbone call when computing a step's targets."""
+
+
+@torch.no_grad()
+def view_targets(backbone: nn.Module, image: torch.Tensor, views: list[View], bf16: bool = False
+                 ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+    """The jittered images and the frozen backbone's features of one step.
+
+    ``image`` (B, 3, H, W) -> ``(view_images, lr_feats, view_feats)``: ``t_i(x)`` (B, 3, H, W),
+    ``f(x)`` (B, C, h, w) and ``f(t_i(x))`` (B, C, h, w), float32. The image and its views go
+    through the backbone together (in chunks of :data:`BACKBONE_CHUNK`): one call of 10 images
+    runs ~15 % faster on a CPU than five calls of 2. ``bf16``: under bfloat16 autocast (features
+    differ ~0.5 % relative L2 from float32; ~1.7x faster where the hardware has bf16 products).
+    """
+    view_images = [apply_view(image, v) for v in views]
+    x = torch.cat([image, *view_images])
+    with torch.autocast(image.device.type, torch.bfloat16, enabled=bf16):
+        feats = torch.cat([backbone(c).float() for c in x.split(BACKBONE_CHUNK)])
+    lr_feats, *view_feats = feats.split(image.shape[0])
+    return view_images, lr_feats, view_feats
+
 
 class MultiViewObjective(nn.Module):
     """``forward`` = FeatUp's loss for one batch; this is the module DDP wraps.

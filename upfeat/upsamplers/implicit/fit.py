@@ -24,6 +24,7 @@ import torch
 
 from ..._checks import check_tensor
 from ..._checks import check_image
+from ..._device import bf16_fast
 from ...jitter import View, sample_views
 from .encoding import ImplicitMLP
 from .features import ImplicitFeatures
@@ -70,14 +71,6 @@ def base_upsampler(kind: str, backbone: torch.nn.Module) -> tuple[torch.nn.Modul
         except CheckpointError:  # the shipped JBU is not in this install: fall back to bilinear
             pass
     return upsamplers.create("bilinear", dim=backbone.dim, stride=backbone.stride), "bilinear"
-
-
-def bf16_fast(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products are faster than float32 on ``device`` (CPU: oneDNN with
-    native bfloat16, e.g. AVX512-BF16 or AMX; elsewhere emulated bfloat16 is slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @torch.no_grad()

@@ -49,7 +49,7 @@ class Schedule:
             encoding (authors: 30 up to ``e^10``) and the MLP width.
         bf16: run the backbone views and the MLP's matrix products in bfloat16 (autocast; sums,
             norms and the loss stay float32) where the hardware has fast bfloat16 products
-            (:func:`.fit.bf16_fast`), else float32. Backbone features differ by ~0.5 % (relative L2).
+            (:func:`upfeat._device.bf16_fast`), else float32. Backbone features differ by ~0.5 % (relative L2).
     """
 
     name: str
