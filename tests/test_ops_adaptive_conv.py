@@ -326,3 +326,21 @@ def test_cpp_subnormal_inputs_count_as_zero_and_mode_is_restored():
     assert torch.count_nonzero(adaptive_conv(feat, tiny, backend="cpp")) == 0
     # ... and the caller's floating-point mode is back afterwards (torch keeps subnormals).
     assert (torch.tensor([1e-40]) * 1.0).item() != 0
+
+
+@pytest.mark.parametrize("backend", ["cpp", "shift"])
+@pytest.mark.parametrize("B", [1, 2])
+def test_out_writes_into_a_channel_slice(backend, B):
+    """``out=`` a channel slice of a larger tensor: the same values as the returned result, the
+    other channels untouched; the cpp backend writes in place (no temporary block)."""
+    gen = torch.Generator().manual_seed(0)
+    feat = torch.randn(B, 5, 10, 13, generator=gen)
+    w = torch.softmax(torch.randn(B, 8, 11, 9, generator=gen), -1).view(B, 8, 11, 3, 3)
+    big = torch.full((B, 9, 8, 11), 7.0)
+    res = adaptive_conv(feat, w, backend=backend, out=big[:, 2:7])
+    torch.testing.assert_close(big[:, 2:7], adaptive_conv(feat, w, backend=backend), rtol=0, atol=0)
+    assert res.data_ptr() == big[:, 2].data_ptr() and (big[:, :2] == 7).all() and (big[:, 7:] == 7).all()
+    with pytest.raises(ShapeError, match="out must have shape"):
+        adaptive_conv(feat, w, backend=backend, out=big[:, 2:6])
+    with pytest.raises(RuntimeError, match="does not support autograd"):
+        adaptive_conv(feat.requires_grad_(), w, backend=backend, out=big[:, 2:7])

@@ -132,3 +132,32 @@ def test_sharp_kernel_has_no_subnormal_taps(backend):
     # Against float64 (logits of ~1e3 carry ~1e-4 of float32 rounding into the weights).
     ref64 = jbu_kernel_reference(g.double(), 400.0, 0.5, k=7, range_kernel="distance").float()
     torch.testing.assert_close(w, ref64, rtol=1e-3, atol=1e-6)
+
+
+def test_inference_softmax_matches_the_differentiable_path(real_image):
+    """Without autograd the cpp backend normalises the logits in one fused pass
+    (``tap_softmax_``); it gives the autograd path's weights on a real photo (sizes that leave
+    partial 64-pixel tiles, batch 2, the shipped sharpness) and zeroes the same negligible taps."""
+    img = torch.cat([real_image(37, 53), real_image(37, 53, "davis/images/cows/00000.jpg")])
+    g = torch.cat([img, torch.nn.Conv2d(3, 5, 1)(img).detach() * 0.1], 1)
+    with torch.no_grad():
+        fused = jbu_kernel(g, 400.0, 0.5, k=7, range_kernel="distance")
+    plain = jbu_kernel(g.requires_grad_(), 400.0, 0.5, k=7, range_kernel="distance").detach()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-7)
+    assert ((fused == 0) == (plain == 0)).float().mean() > 0.999 and (fused == 0).any()
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((fused > 0) & (fused < tiny)).any()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_tap_softmax_op_against_torch(scale):
+    """The raw op on random logits, mild and extreme (exp underflows for most taps)."""
+    from upfeat.ops.adaptive_conv import cpu
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 49, 9, 15, generator=gen) * scale
+    log_s = spatial_log_kernel(7, 0.7)
+    want = torch.softmax(logits + log_s.view(1, -1, 1, 1), 1)
+    want = want.masked_fill(want < 1e-19, 0.0)
+    got = logits.clone()
+    cpu.tap_softmax_(got, log_s, 1e-19)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-12)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import ShapeError, check_floating, check_shape
-from .adaptive_conv import local_dot
+from .adaptive_conv import can_run, cpu, local_dot
 from .adaptive_conv.reference import local_dot_reference
 
 
@@ -102,12 +102,18 @@ def jbu_kernel(
     logits = local_dot(temperature * query, _pad(keys, k // 2), backend=backend)
     tm = logits.permute(0, 3, 4, 1, 2).reshape(B, k * k, H, W)  # free for the cpp backend
     log_s = spatial_log_kernel(k, sigma, device=tm.device, dtype=tm.dtype)
-    w = torch.softmax(tm + log_s.view(1, k * k, 1, 1), dim=1)
     # Sharp kernels underflow: most far taps land in the subnormal range (< 1.2e-38 in float32),
     # and every CPU product touching a subnormal is ~10x slower (the fixup's matmuls over these
     # taps took 4x longer at 448²). Taps below sqrt(tiny) (1e-19 in float32) weigh nothing next to
     # the others (sum 1): zero them, so neither they nor their products are subnormal.
-    w = w.masked_fill(w < torch.finfo(w.dtype).tiny ** 0.5, 0.0)
+    tiny = torch.finfo(tm.dtype).tiny ** 0.5
+    needs_grad = torch.is_grad_enabled() and (tm.requires_grad or log_s.requires_grad)
+    if not needs_grad and tm.dtype == torch.float32 and tm.is_contiguous() and can_run("cpp", tm.device):
+        cpu.tap_softmax_(tm, log_s.detach(), tiny)  # inference: one pass instead of five
+        w = tm
+    else:
+        w = torch.softmax(tm + log_s.view(1, k * k, 1, 1), dim=1)
+        w = w.masked_fill(w < tiny, 0.0)
     return w.view(B, k, k, H, W).permute(0, 3, 4, 1, 2)
 
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import ShapeError, check_floating, check_shape
-from ..ops import adaptive_conv, band_matmul, jbu_kernel
+from ..ops import adaptive_conv, band_matmul, can_run, jbu_kernel
+from ..ops.adaptive_conv import cpu
 from ..ops.jbu_kernel import RANGE_KERNELS
 from ._registry import register_upsampler
 from .base import Upsampler, check_size, resize_area
@@ -27,6 +28,14 @@ Sink = Callable[[torch.Tensor, int], None]  # sink(block (B, c, H, W), c0): chan
 CHANNEL_GROUP = 64
 """Channels a :class:`JBULayer` upsamples at a time under ``torch.inference_mode`` (the peak
 memory of a step then grows with ``CHANNEL_GROUP``, not with C: ``upfeat.inference.memory``)."""
+
+
+def _empty(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    # the C++ kernels' output pool where they run: a fresh 300 MB result faults in (and zeroes)
+    # ~75k pages, as long as the adaptive conv that fills it
+    if like.dtype in (torch.float32, torch.float64) and can_run("cpp", like.device):
+        return cpu.empty(shape, like)
+    return like.new_empty(shape)
 
 
 def _bicubic_matrix(n_in: int, n_out: int, r: int, like: torch.Tensor) -> torch.Tensor:
@@ -197,15 +206,14 @@ class JBULayer(nn.Module):
         # largest intermediate, C x (H+2r) x (W+2r)) is only built for a few channels at a time;
         # same result, ~half the peak memory of one full-resolution step.
         w = self.kernel(resize_area(guidance, size))
-        out = feats.new_empty(f["B"], f["C"], *size) if sink is None else None
+        out = _empty(feats, (f["B"], f["C"], *size)) if sink is None else None
         for c0 in range(0, f["C"], group):
             up = bicubic_padded(feats[:, c0:c0 + group], size, self.radius)
-            block = adaptive_conv(up, w)
-            del up
             if out is None:
-                sink(block, c0)
-            else:
-                out[:, c0:c0 + group] = block
+                sink(adaptive_conv(up, w), c0)
+            else:  # straight into the output's channel slice: no block, no copy
+                adaptive_conv(up, w, out=out[:, c0:c0 + group])
+            del up
         return out
 
     def extra_repr(self) -> str:

@@ -80,7 +80,8 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, xname: str, yname: str) -> Non
     check_same({xname: x, yname: y}, "dtype")
 
 
-def adaptive_conv(feat: torch.Tensor, weights: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+def adaptive_conv(feat: torch.Tensor, weights: torch.Tensor, backend: str | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-pixel convolution: ``out[b,c,i,j] = sum_{u,v<k} feat[b,c,i+u,j+v] * weights[b,i,j,u,v]``.
 
     ``feat`` is already padded (by ``k//2`` on each side for a "same" convolution). Differentiable
@@ -90,14 +91,20 @@ def adaptive_conv(feat: torch.Tensor, weights: torch.Tensor, backend: str | None
         feat: (B, C, H+k-1, W+k-1) floating tensor, any memory layout.
         weights: (B, H, W, k, k), k odd, same dtype and device as ``feat``.
         backend: one of :data:`BACKENDS`, or None for the fastest available.
+        out: optional (B, C, H, W) tensor of the inputs' dtype and device to write the result
+            into (e.g. a channel slice of a larger output); no autograd through it. The ``cpp``
+            backend writes straight into it when its (C, H, W) blocks are contiguous.
 
     Returns:
-        (B, C, H, W), dtype of the inputs.
+        (B, C, H, W), dtype of the inputs (``out`` if given).
 
     Example:
         >>> feat = torch.ones(1, 2, 6, 7); w = torch.full((1, 4, 5, 3, 3), 1 / 9)
         >>> adaptive_conv(feat, w, backend="shift").shape
         torch.Size([1, 2, 4, 5])
+        >>> big = torch.zeros(1, 5, 4, 5)
+        >>> adaptive_conv(feat, w, out=big[:, 1:3]).data_ptr() == big[:, 1].data_ptr(), big.sum().item()
+        (True, 40.0)
     """
     f = check_shape(feat, ["B", "C", "H+k-1", "W+k-1"], "feat")
     s = check_shape(weights, ["B", "H", "W", "k", "k"], "weights")
@@ -111,8 +118,17 @@ def adaptive_conv(feat: torch.Tensor, weights: torch.Tensor, backend: str | None
             f"shape ({B}, C, {H + k - 1}, {W + k - 1}) (batch {B}, output {H}x{W} padded by k-1={k - 1})"
         )
     name = choose_backend(feat.device, backend)
+    if out is not None:
+        _check_out(out, feat, weights, (B, f["C"], H, W))
     dtype = feat.dtype
     feat, weights = feat.to(_compute_dtype(dtype)), weights.to(_compute_dtype(dtype))
+    if out is not None and name == "cpp" and out.dtype == feat.dtype and _blocks_contiguous(out):
+        tap = weights.permute(0, 3, 4, 1, 2).is_contiguous() and not weights.is_contiguous()
+        wv = weights.permute(0, 3, 4, 1, 2).reshape(B, k * k, H, W) if tap else weights.reshape(B, H, W, k * k)
+        cpu.fwd_into(feat.contiguous(), wv.contiguous(), k, tap, out)
+        return out
+    if out is not None:
+        return out.copy_(adaptive_conv(feat, weights, backend=name))
     if name == "cpp":
         # The kernel reads weights pixel-major (B,H,W,k*k) or tap-major (B,k*k,H,W, what
         # jbu_kernel returns as a permuted view): pass whichever we have, as a free view.
@@ -126,6 +142,21 @@ def adaptive_conv(feat: torch.Tensor, weights: torch.Tensor, backend: str | None
     else:
         out = adaptive_conv_reference(feat, weights)
     return out.to(dtype)
+
+
+def _blocks_contiguous(x: torch.Tensor) -> bool:
+    _, C, H, W = x.shape
+    return x.stride(3) == 1 and (H == 1 or x.stride(2) == W) and (C == 1 or x.stride(1) == H * W)
+
+
+def _check_out(out: torch.Tensor, feat: torch.Tensor, weights: torch.Tensor, shape: tuple) -> None:
+    if tuple(out.shape) != shape:
+        raise ShapeError(f"out must have shape {shape}, got {tuple(out.shape)}")
+    check_same({"feat": feat, "out": out}, "device")
+    check_same({"feat": feat, "out": out}, "dtype")
+    if torch.is_grad_enabled() and (feat.requires_grad or weights.requires_grad):
+        raise RuntimeError("adaptive_conv(out=...) does not support autograd; call it under "
+                           "torch.no_grad() or torch.inference_mode(), or without out")
 
 
 def local_dot(query: torch.Tensor, keys: torch.Tensor, backend: str | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 log = logging.getLogger(__name__)
 _SRCS = [Path(__file__).with_name("csrc") / f
-         for f in ("adaptive_conv.cpp", "band_matmul.cpp", "simd.h")]
+         for f in ("adaptive_conv.cpp", "band_matmul.cpp", "tap_softmax.cpp", "simd.h")]
 
 
 def _cpu_tag() -> str:
@@ -92,6 +92,12 @@ def empty_cache() -> int:
     return load_extension().empty_cache() if _loaded() else 0
 
 
+def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Uninitialised CPU tensor of ``like``'s dtype from the output pool (for large results
+    assembled piece by piece: recycled, huge-page backed blocks fault in ~no fresh pages)."""
+    return load_extension().empty(list(shape), like)
+
+
 def cached_bytes() -> int:
     """Bytes currently held by the output pool."""
     return load_extension().cached_bytes() if _loaded() else 0
@@ -127,6 +133,20 @@ def _fwd(feat: torch.Tensor, w: torch.Tensor, k: int, tap: bool) -> torch.Tensor
 @_fwd.register_fake
 def _(feat, w, k, tap):
     return feat.new_empty(feat.shape[0], feat.shape[1], *_hw(w, tap))
+
+
+@torch.library.custom_op("upfeat::acv_fwd_into", mutates_args=("out",), device_types="cpu")
+def fwd_into(feat: torch.Tensor, w: torch.Tensor, k: int, tap: bool, out: torch.Tensor) -> None:
+    """:func:`_fwd` written into ``out`` (B, C, H, W), whose (C, H, W) blocks are contiguous (a
+    channel slice of a larger output). No autograd."""
+    load_extension().fwd_into(feat, w, k, tap, out)
+
+
+@torch.library.custom_op("upfeat::tap_softmax_", mutates_args=("logits",), device_types="cpu")
+def tap_softmax_(logits: torch.Tensor, log_s: torch.Tensor, threshold: float) -> None:
+    """In place on tap-major float32 logits (B, K2, H, W): ``softmax_t(logits + log_s[t])``,
+    then 0 below ``threshold``. One pass over memory (torch's ops take five). No autograd."""
+    load_extension().tap_softmax_(logits, log_s, threshold)
 
 
 @torch.library.custom_op("upfeat::acv_tr", mutates_args=(), device_types="cpu")

@@ -118,7 +118,10 @@ inline void fwd_band(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt,
       const T* fp = f + s * fr + v;
       for (int c = 0; c < C_B; ++c)
         for (int n = 0; n < NV; ++n) {
-          const V fv = vload<V>(fp + c * fc + n * L);
+          V fv = vload<V>(fp + c * fc + n * L);
+          // One load per vector: without this GCC folds the load into each row's FMA (R loads,
+          // each split over two cache lines at v > 0), which the load ports cannot sustain.
+          if constexpr (R > 1) asm("" : "+v"(fv));
           for (int r = 0; r < R; ++r) acc[r][c][n] += fv * wv[r][n];
         }
     }
@@ -194,7 +197,7 @@ inline void tr2_tile(const T* const* rows, int64_t gc, const T* w, int64_t wt, i
       const T* gp = gp0 - v;
       for (int c = 0; c < C_B; ++c)
         for (int n = 0; n < NV_; ++n) {
-          const V gv = vload<V>(gp + c * gc + n * L);
+          const V gv = vload<V>(gp + c * gc + n * L);  // (a register copy here measured 8 % slower)
           if constexpr (R0) acc[0][c][n] += gv * w0[n];
           if constexpr (R1) acc[1][c][n] += gv * w1[n];
         }
@@ -253,7 +256,8 @@ inline void corr2_tile(const T* a0, const T* a1, int64_t ac, const T* p, int64_t
       if constexpr (R0) x0 = vload<V>(a0 + c * ac + n * L);
       if constexpr (R1) x1 = vload<V>(a1 + c * ac + n * L);
       for (int v = 0; v < V_B; ++v) {
-        const V pv = vload<V>(pp + v);
+        V pv = vload<V>(pp + v);
+        if constexpr (R0 && R1) asm("" : "+v"(pv));  // one load for both rows (see fwd_band)
         if constexpr (R0) acc[0][v] += x0 * pv;
         if constexpr (R1) acc[1][v] += x1 * pv;
       }
@@ -303,11 +307,11 @@ void hwk_to_tap(const T* src, T* dst, int B, int H, int W, int K2, int64_t ld) {
 }
 
 template <typename T>
-void fwd_impl(const T* feat, const T* w, T* out, int B, int C, int H, int W, int k) {
+void fwd_impl(const T* feat, const T* w, T* out, int64_t osb, int B, int C, int H, int W, int k) {
   constexpr int L = Vec<T>::L, JB = NV * L;
   const int Hp = H + k - 1, Wp = W + k - 1, K2 = k * k;
   const int64_t HW = (int64_t)H * W, HWp = (int64_t)Hp * Wp;
-  const int IT = 16;  // rows per task: keeps the weight rows of the tile in L2 across channels
+  const int IT = 16;  // rows per task
   const int CG = 64;  // channels per task
   const int nit = (H + IT - 1) / IT, ncg = (C + CG - 1) / CG;
   at::parallel_for(0, (int64_t)B * nit * ncg, 1, [&](int64_t begin, int64_t end) {
@@ -317,38 +321,40 @@ void fwd_impl(const T* feat, const T* w, T* out, int B, int C, int H, int W, int
       const int b = task / (nit * ncg), it = (task / ncg) % nit, cg = task % ncg;
       const int c_end = std::min(C, (cg + 1) * CG), i_end = std::min(H, (it + 1) * IT);
       const T* wb = w + (int64_t)b * K2 * HW;
-      for (int c0 = cg * CG; c0 < c_end; c0 += CBF) {
-        const int cb = std::min(CBF, c_end - c0);
-        const T* fb = feat + ((int64_t)b * C + c0) * HWp;
-        T* ob = out + ((int64_t)b * C + c0) * HW;
-        for (int i = it * IT; i < i_end; i += RB) {
-          const int nr = std::min(RB, i_end - i);
-          for (int j0 = 0; j0 < W; j0 += JB) {
-            const int nvalid = std::min(JB, W - j0);
-            T* o = ob + (int64_t)i * W + j0;
-            const T* f = fb + (int64_t)i * Wp + j0;
-            const T* wp = wb + (int64_t)i * W + j0;
-            int64_t fc = HWp, fr = Wp, wt = HW, wr = W;
-            if (nvalid < JB) {  // border tile: zero-padded local copies
+      for (int i = it * IT; i < i_end; i += RB) {
+        const int nr = std::min(RB, i_end - i);
+        for (int j0 = 0; j0 < W; j0 += JB) {
+          const int nvalid = std::min(JB, W - j0);
+          // The tile's weights, packed (K2 x RB x JB, zero-padded) and reused by every channel:
+          // read in place, the K2 tap rows lie H*W floats apart, a multiple of 4 KB for sizes
+          // like 224² and 448², so all of them fall in one L1 set and evict each other.
+          const T* wp = wb + (int64_t)i * W + j0;
+          if (nvalid < JB || nr < RB) std::fill(wl.begin(), wl.end(), T(0));
+          for (int t = 0; t < K2; ++t)
+            for (int r = 0; r < nr; ++r)
+              std::memcpy(&wl[((size_t)t * RB + r) * JB], wp + t * HW + (int64_t)r * W, sizeof(T) * nvalid);
+          const T* wt_ = wl.data();
+          const int64_t wt = (int64_t)RB * JB, wr = JB;
+          for (int c0 = cg * CG; c0 < c_end; c0 += CBF) {
+            const int cb = std::min(CBF, c_end - c0);
+            T* o = out + (int64_t)b * osb + (int64_t)c0 * HW + (int64_t)i * W + j0;  // osb: batch stride
+            const T* f = feat + ((int64_t)b * C + c0) * HWp + (int64_t)i * Wp + j0;
+            int64_t fc = HWp, fr = Wp;
+            if (nvalid < JB) {  // border tile: zero-padded local copy of the features
               const int span = JB + k - 1, ns = nr + k - 1;
               std::fill(fl.begin(), fl.end(), T(0));
-              std::fill(wl.begin(), wl.end(), T(0));
               for (int c = 0; c < cb; ++c)
                 for (int r = 0; r < ns; ++r)
                   std::memcpy(&fl[((size_t)c * (RB + k - 1) + r) * span], f + c * HWp + (int64_t)r * Wp,
                               sizeof(T) * (nvalid + k - 1));
-              for (int t = 0; t < K2; ++t)
-                for (int r = 0; r < nr; ++r)
-                  std::memcpy(&wl[((size_t)t * RB + r) * JB], wp + t * HW + (int64_t)r * W, sizeof(T) * nvalid);
               f = fl.data(); fc = (int64_t)(RB + k - 1) * span; fr = span;
-              wp = wl.data(); wt = (int64_t)RB * JB; wr = JB;
             }
             if (cb == CBF && nr == RB) {
-              fwd_band<T, CBF, RB>(f, fc, fr, wp, wt, wr, k, o, HW, W, nvalid);
+              fwd_band<T, CBF, RB>(f, fc, fr, wt_, wt, wr, k, o, HW, W, nvalid);
             } else {
               for (int c = 0; c < cb; ++c)
                 for (int r = 0; r < nr; ++r)
-                  fwd_band<T, 1, 1>(f + c * fc + r * fr, fc, fr, wp + r * wr, wt, wr, k, o + c * HW + r * W, HW, W, nvalid);
+                  fwd_band<T, 1, 1>(f + c * fc + r * fr, fc, fr, wt_ + r * wr, wt, wr, k, o + c * HW + r * W, HW, W, nvalid);
             }
           }
         }
@@ -564,19 +570,25 @@ at::Tensor upfeat_pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& o
 }
 
 at::Tensor band_matmul(const at::Tensor& x, const at::Tensor& ah, const at::Tensor& aw);
+void tap_softmax_(at::Tensor& logits, const at::Tensor& log_s, double thr);
 
 // Weights come tap-major (B,K2,H,W) or pixel-major (B,H,W,K2): `tap_major` says which; the
 // kernels work tap-major (contiguous along image rows) and convert the small weight tensor here.
 
-// feat (B,C,Hp,Wp), w -> (B,C,H,W)
-at::Tensor acv_fwd(const at::Tensor& feat, const at::Tensor& w, int64_t k, bool tap_major) {
+// feat (B,C,Hp,Wp), w -> out (B,C,H,W): each out[b] contiguous, any batch stride (a channel
+// slice of a larger output, so a caller assembling channel groups needs no copy).
+void acv_fwd_into(const at::Tensor& feat, const at::Tensor& w, int64_t k, bool tap_major, at::Tensor& out) {
   check_inputs(feat, "feat"); check_inputs(w, "weights");
   check_pair(feat, w, "feat", "weights");
   const int B = feat.size(0), C = feat.size(1);
   const int H = tap_major ? w.size(2) : w.size(1), W = tap_major ? w.size(3) : w.size(2);
   check_weights(w, k, tap_major, B, H, W);
   check_padded(feat, B, C, H, W, k, "feat");
-  auto out = pooled_empty({B, C, H, W}, feat.options());
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == feat.scalar_type() && out.dim() == 4 &&
+              out.size(0) == B && out.size(1) == C && out.size(2) == H && out.size(3) == W &&
+              out.stride(3) == 1 && out.stride(2) == W && out.stride(1) == (int64_t)H * W,
+              "out must be (", B, ", ", C, ", ", H, ", ", W, ") of feat's dtype with contiguous "
+              "(C, H, W) blocks, got ", out.sizes(), " strides ", out.strides());
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "acv_fwd", [&] {
     at::Tensor wt = w;
     if (!tap_major) {
@@ -584,8 +596,17 @@ at::Tensor acv_fwd(const at::Tensor& feat, const at::Tensor& w, int64_t k, bool 
       hwk_to_tap<scalar_t>(w.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), B, H, W, k * k, W);
     }
     fwd_impl<scalar_t>(feat.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                       B, C, H, W, (int)k);
+                       out.stride(0), B, C, H, W, (int)k);
   });
+}
+
+// feat (B,C,Hp,Wp), w -> (B,C,H,W)
+at::Tensor acv_fwd(const at::Tensor& feat, const at::Tensor& w, int64_t k, bool tap_major) {
+  TORCH_CHECK(feat.dim() == 4 && w.dim() == 4, "feat and weights must be 4-D, got ", feat.sizes(),
+              " and ", w.sizes());
+  const int H = tap_major ? w.size(2) : w.size(1), W = tap_major ? w.size(3) : w.size(2);
+  auto out = pooled_empty({feat.size(0), feat.size(1), H, W}, feat.options());
+  acv_fwd_into(feat, w, k, tap_major, out);
   return out;
 }
 
@@ -627,7 +648,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("empty_cache", [] { return Pool::get().empty(); }, "free pooled output blocks; returns bytes");
   m.def("cached_bytes", [] { return Pool::get().cached(); }, "bytes held by the output pool");
   m.def("set_cache_limit", [](size_t b) { Pool::get().set_cap(b); }, "max bytes the pool keeps");
+  m.def("empty", [](std::vector<int64_t> sizes, const at::Tensor& like) {
+    return pooled_empty(sizes, like.options()); }, "uninitialised tensor from the output pool");
   m.def("fwd", &acv_fwd, "adaptive conv forward");
+  m.def("fwd_into", &acv_fwd_into, "adaptive conv forward into a given output");
+  m.def("tap_softmax_", &tap_softmax_, "in-place softmax over taps of tap-major JBU logits");
   m.def("tr", &acv_tr, "adjoint of the forward w.r.t. feat");
   m.def("corr", &acv_corr, "local correlation (adjoint w.r.t. weights)");
   m.def("band_matmul", &band_matmul, "ah @ x @ aw^T for banded ah, aw (separable resize)");
