@@ -8,8 +8,8 @@ Behaviour (see :func:`run`):
   estimated (:mod:`upfeat.inference.memory`) and it is tiled (:mod:`upfeat.inference.tiled`) when one pass would
   exceed ``--max-memory``, the budget of the whole process (what it holds before the image,
   torch and the model, is measured and counted). Tiles stream to disk as they are computed
-  (:class:`upfeat.inference.featfile.MappedFeatures`), so outputs may exceed RAM and never count against
-  the budget.
+  (:class:`upfeat.inference.featfile.FeatureWriter`), so outputs may exceed RAM and never count
+  against the budget.
 - Re-runs skip an image only when its outputs are complete, readable and made with the same
   settings (backbone, upsampler and its weights, size, dtype, format, upfeat version: stored in
   each file); anything else is redone, with a note (``--overwrite`` recomputes everything).
@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..io import ImageReadError
-from .featfile import DTYPES, FORMATS, MappedFeatures, write_features
+from .featfile import DTYPES, FORMATS, FeatureWriter, write_features
 from .jobs import Item, list_items, prepare
 
 __all__ = ["Summary", "UpsampleConfig", "process", "run"]
@@ -258,7 +258,7 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
         note(f"tile {done}/{total}, {rate:.1f} s/tile, ~{rate * (total - done) / 60:.0f} min "
              f"left", True)
 
-    def fill(out: MappedFeatures) -> None:
+    def fill(out: FeatureWriter) -> None:
         with torch.inference_mode():
             lowres = lowres_tiled(model, x, mem.backbone_plan, progress=tick)
             preview = Preview(x[0], lowres[0], model.stride) if item.png is not None else None

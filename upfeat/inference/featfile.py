@@ -8,17 +8,16 @@
 - ``.npy``: the array, and the same metadata in ``<stem>.json`` beside it (written first).
 
 The file is created at full size in a temporary file beside the target (disk space reserved up
-front, so a full disk fails cleanly instead of crashing a memory-mapped write), filled block by
-block through a memory map (:class:`MappedFeatures`), fsync'ed and renamed. Written pages are
-dropped from the process right away (they stay in the kernel's page cache until written back),
-so the resident memory of a run does not grow with the output: an 18 GB output streams to disk
-with a few MB of it mapped at any time.
+front, so a full disk fails before any tile is computed), filled block by block with ``pwrite``
+(:class:`FeatureWriter`: tiles' blocks are rearranged per band of rows so that each byte reaches
+the disk about once or twice, not once per neighbouring tile), fsync'ed and renamed. Nothing of
+the file is mapped, so the resident memory of a run does not grow with the output: an 18 GB
+output streams to disk through one channel's band at a time.
 """
 from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import torch
 
 from ..checkpoint import atomic_write
 
-__all__ = ["DTYPES", "FORMATS", "MappedFeatures", "complete_meta", "read_features", "write_features"]
+__all__ = ["DTYPES", "FORMATS", "FeatureWriter", "complete_meta", "read_features", "write_features"]
 
 FORMATS = ("safetensors", "npy")
 DTYPES = {"float16": (torch.float16, "F16"), "float32": (torch.float32, "F32")}
@@ -65,29 +64,49 @@ def _npy_header(shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
     return buf.getvalue()
 
 
-class MappedFeatures:
-    """The ``(C, H, W)`` array of a feature file being written, memory-mapped.
+class _Band:
+    """Columns of one band of rows received so far: ``widths[x0] = w`` per tile, and per
+    channel how many columns are written (the band is complete at ``W``)."""
 
-    :meth:`write` copies a block in groups of channels and drops each group's pages from this
-    process right after (``madvise(MADV_DONTNEED)``: dirty pages stay in the page cache and
-    are written back by the kernel), so resident memory stays at ~``group_bytes`` however
-    large the file. :attr:`tensor` is the whole mapped array (pages touched through it stay
-    resident until :meth:`write` or :meth:`release` drops them).
+    def __init__(self, channels: int) -> None:
+        self.widths: dict[int, int] = {}
+        self.filled = np.zeros(channels, dtype=np.int64)
+
+
+class FeatureWriter:
+    """The ``(C, H, W)`` array of a feature file being written, by ``pwrite`` in bands of rows.
+
+    Tiles of one band (rows ``y0:y0+h``) each own columns ``x0:x0+w``. A channel's band is one
+    contiguous run of ``h * W`` values in the file, but a tile holds only a slice of each of its
+    rows: written in place, a page (4 KiB; a 6000 px float16 row is ~3 pages) is shared by
+    neighbouring tiles, and the kernel writes it back between their visits (86 GB written for
+    an 18 GB file). Rows are only complete after the band's last tile, and holding the band
+    until then (``C * h * W`` values, 3.3 GB at 6000 px) does not fit a tight budget, so:
+
+    - a block of a tile ending before column ``W`` is parked *tile-major* inside its own
+      band's runs: channel ``k``'s ``h x w`` values contiguous at ``h * x0`` of run ``k`` (the
+      tiles partition the run, so nothing else is touched, and its pages are whole);
+    - the block ending at ``W`` (per channel group, as it arrives) completes its channels:
+      each run's parked part is read back (usually from the page cache), assembled with the
+      block into ``h x W`` rows and written over the run.
+
+    So a byte is written twice at most (once more only if the kernel wrote the parked page
+    back before the band completed), the last tile's once; full-width blocks go straight to
+    their place. Memory: one channel's band twice, ``2 * h * W * itemsize``
+    (:func:`~upfeat.inference.memory.stream_bytes`). Blocks of a band must all have its
+    ``(y0, h)``, and per channel the block ending at ``W`` must come last. POSIX positioned
+    I/O (``os.pwrite``, ``os.preadv``: Linux, macOS).
     """
 
     def __init__(self, path: Path, header: bytes, shape: tuple[int, int, int],
-                 dtype: torch.dtype, group_bytes: int = 16 * 2**20) -> None:
+                 dtype: torch.dtype) -> None:
         self.shape, self.dtype, self.offset = shape, dtype, len(header)
         self.itemsize = torch.empty((), dtype=dtype).element_size()
-        self.group_bytes = group_bytes
         with open(path, "wb") as f:
             f.write(header)
         _reserve(path, len(header) + int(np.prod(shape)) * self.itemsize)
-        with open(path, "r+b") as f:
-            self._mm = mmap.mmap(f.fileno(), 0)
-        arr = np.frombuffer(self._mm, dtype=_NP[dtype], count=int(np.prod(shape)),
-                            offset=self.offset)
-        self.tensor = torch.from_numpy(arr.reshape(shape))
+        self._fd = os.open(path, os.O_RDWR)
+        self._bands: dict[tuple[int, int], _Band] = {}
 
     def write(self, block: torch.Tensor, y0: int = 0, x0: int = 0, c0: int = 0) -> None:
         """Store ``block`` ``(c, h, w)`` (any float dtype, any device) at channels ``c0:c0+c``,
@@ -97,44 +116,79 @@ class MappedFeatures:
         if min(c0, y0, x0) < 0 or c0 + c > C or y0 + h > H or x0 + w > W:
             raise ValueError(f"block {tuple(block.shape)} at ({c0}, {y0}, {x0}) does not fit "
                              f"{self.shape}")
-        # bytes one channel touches: whole pages of each of its h row segments
-        per_channel = h * (w * self.itemsize if w == W else w * self.itemsize + mmap.PAGESIZE)
-        step = max(1, self.group_bytes // max(1, per_channel))
-        for i in range(0, c, step):
-            j = min(c, i + step)
-            self.tensor[c0 + i:c0 + j, y0:y0 + h, x0:x0 + w].copy_(block[i:j])
-            self.release(c0 + i, c0 + j, y0, y0 + h)
+        if w == W:  # whole rows: already in file order
+            for k in range(c):
+                self._pwrite(self._cast(block[k]), self._run(c0 + k, y0))
+            return
+        band = self._bands.setdefault((y0, h), _Band(C))
+        if band.widths.get(x0, w) != w:
+            raise ValueError(f"rows {y0}:{y0 + h}: a block at column {x0} is {w} wide, an "
+                             f"earlier one {band.widths[x0]}")
+        filled = band.filled[c0:c0 + c] + w
+        last = x0 + w == W
+        if (filled > W).any() or (last and (filled < W).any()):
+            raise ValueError(f"rows {y0}:{y0 + h}, channels {c0}:{c0 + c}: the block ending at "
+                             f"column {W} must come after the others of its band, once each")
+        band.widths[x0], band.filled[c0:c0 + c] = w, filled
+        parts = sorted((x, v) for x, v in band.widths.items() if x < x0)
+        for k in range(c):
+            run = self._run(c0 + k, y0)
+            if not last:  # park it tile-major in its run
+                self._pwrite(self._cast(block[k]), run + h * x0 * self.itemsize)
+                continue
+            parked = np.empty(h * x0, dtype=_NP[self.dtype])
+            self._pread(parked, run)
+            rows = np.empty((h, W), dtype=parked.dtype)
+            for x, v in parts:
+                rows[:, x:x + v] = parked[h * x:h * (x + v)].reshape(h, v)
+            del parked
+            rows[:, x0:] = self._cast(block[k])
+            self._pwrite(rows, run)
+        if (band.filled == W).all():
+            del self._bands[(y0, h)]
 
-    def release(self, c0: int = 0, c1: int | None = None, y0: int = 0, y1: int | None = None,
-                ) -> None:
-        """Drop the pages of channels ``c0:c1``, rows ``y0:y1`` from this process."""
-        C, H, W = self.shape
-        c1, y1 = C if c1 is None else c1, H if y1 is None else y1
-        page = mmap.PAGESIZE
-        start = self.offset + (c0 * H + y0) * W * self.itemsize
-        end = self.offset + ((c1 - 1) * H + y1) * W * self.itemsize
-        start -= start % page
-        end = min(len(self._mm), -(-end // page) * page)
-        if end > start:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+    def _run(self, channel: int, y0: int) -> int:
+        """File offset of row ``y0`` of ``channel``."""
+        _, H, W = self.shape
+        return self.offset + (channel * H + y0) * W * self.itemsize
+
+    def _cast(self, x: torch.Tensor) -> np.ndarray:
+        return x.to("cpu", self.dtype).contiguous().numpy()
+
+    def _pwrite(self, arr: np.ndarray, offset: int) -> None:
+        view = memoryview(arr).cast("B")
+        while view:  # regular files write all at once; loop in case of a short write
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def _pread(self, arr: np.ndarray, offset: int) -> None:
+        view = memoryview(arr).cast("B")
+        while view:
+            n = os.preadv(self._fd, [view], offset)
+            if n == 0:
+                raise OSError(f"feature file ends before byte {offset}")
+            view, offset = view[n:], offset + n
+
+    def check_complete(self) -> None:
+        """``ValueError`` if a band still has parked blocks (its last block never came)."""
+        if self._bands:
+            (y0, h), *_ = self._bands
+            raise ValueError(f"rows {y0}:{y0 + h} of the features were not all written")
 
     def close(self) -> None:
-        """Flush and unmap (``tensor`` must no longer be used)."""
-        self._mm.flush()
-        del self.tensor
-        try:
-            self._mm.close()
-        except BufferError:  # a caller kept a view: the map closes when that is collected
-            pass
+        """Close the file (the caller fsyncs it)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def write_features(path: str | os.PathLike[str], shape: tuple[int, int, int], dtype: torch.dtype,
-                   meta: dict[str, str], fill: Callable[[MappedFeatures], None]) -> Path:
+                   meta: dict[str, str], fill: Callable[[FeatureWriter], None]) -> Path:
     """Create ``path`` (``.safetensors`` or ``.npy``) holding a ``shape`` array of ``dtype``.
 
-    ``fill(out)`` gets the :class:`MappedFeatures` of the temporary file and must write every
-    element (``out.write(block, y0, x0)``; it must not keep references to ``out.tensor``). The
-    target appears only complete.
+    ``fill(out)`` gets the :class:`FeatureWriter` of the temporary file and must write every
+    element (``out.write(block, y0, x0, c0)``, bands as it says). The target appears only
+    complete.
     """
     path = Path(path)
     fmt = path.suffix.lstrip(".")
@@ -148,9 +202,10 @@ def write_features(path: str | os.PathLike[str], shape: tuple[int, int, int], dt
               _safetensors_header(shape, dtype, meta))
 
     def write(tmp: Path) -> None:
-        out = MappedFeatures(tmp, header, shape, dtype)
+        out = FeatureWriter(tmp, header, shape, dtype)
         try:
             fill(out)
+            out.check_complete()
         finally:
             out.close()
 
