@@ -116,9 +116,13 @@ class FeatureWriter:
         if min(c0, y0, x0) < 0 or c0 + c > C or y0 + h > H or x0 + w > W:
             raise ValueError(f"block {tuple(block.shape)} at ({c0}, {y0}, {x0}) does not fit "
                              f"{self.shape}")
+        # buffers shared by the block's channels: fresh ones per channel would each be new
+        # pages to fault in (they are mmap'ed by malloc above 1 MiB)
         if w == W:  # whole rows: already in file order
+            rows = np.empty((h, w), dtype=_NP[self.dtype])
             for k in range(c):
-                self._pwrite(self._cast(block[k]), self._run(c0 + k, y0))
+                torch.from_numpy(rows).copy_(block[k])  # the cast torch's .to() does
+                self._pwrite(rows, self._run(c0 + k, y0))
             return
         band = self._bands.setdefault((y0, h), _Band(C))
         if band.widths.get(x0, w) != w:
@@ -130,19 +134,21 @@ class FeatureWriter:
             raise ValueError(f"rows {y0}:{y0 + h}, channels {c0}:{c0 + c}: the block ending at "
                              f"column {W} must come after the others of its band, once each")
         band.widths[x0], band.filled[c0:c0 + c] = w, filled
+        if not last:  # park it tile-major in its runs
+            tile = np.empty((h, w), dtype=_NP[self.dtype])
+            for k in range(c):
+                torch.from_numpy(tile).copy_(block[k])
+                self._pwrite(tile, self._run(c0 + k, y0) + h * x0 * self.itemsize)
+            return
         parts = sorted((x, v) for x, v in band.widths.items() if x < x0)
+        parked = np.empty(h * x0, dtype=_NP[self.dtype])
+        rows = np.empty((h, W), dtype=parked.dtype)
         for k in range(c):
             run = self._run(c0 + k, y0)
-            if not last:  # park it tile-major in its run
-                self._pwrite(self._cast(block[k]), run + h * x0 * self.itemsize)
-                continue
-            parked = np.empty(h * x0, dtype=_NP[self.dtype])
             self._pread(parked, run)
-            rows = np.empty((h, W), dtype=parked.dtype)
             for x, v in parts:
                 rows[:, x:x + v] = parked[h * x:h * (x + v)].reshape(h, v)
-            del parked
-            rows[:, x0:] = self._cast(block[k])
+            torch.from_numpy(rows)[:, x0:].copy_(block[k])
             self._pwrite(rows, run)
         if (band.filled == W).all():
             del self._bands[(y0, h)]
@@ -151,9 +157,6 @@ class FeatureWriter:
         """File offset of row ``y0`` of ``channel``."""
         _, H, W = self.shape
         return self.offset + (channel * H + y0) * W * self.itemsize
-
-    def _cast(self, x: torch.Tensor) -> np.ndarray:
-        return x.to("cpu", self.dtype).contiguous().numpy()
 
     def _pwrite(self, arr: np.ndarray, offset: int) -> None:
         view = memoryview(arr).cast("B")
