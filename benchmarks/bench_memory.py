@@ -116,7 +116,7 @@ def cli_row(spec: str) -> dict:
         cpu_s = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", r.stderr)[1])
                     for k in ("User", "System"))
         out = Path(tmp) / "o" / f"{src.stem}.safetensors"
-        size = out.stat().st_size if out.is_file() else 0
+        nbytes = out.stat().st_size if out.is_file() else 0
         plan = [ln for ln in r.stdout.splitlines() if ln.startswith(str(src))]
     errors = [ln for ln in (r.stdout + r.stderr).splitlines()
               if ln.startswith(("failed:", "error:"))]
@@ -126,7 +126,7 @@ def cli_row(spec: str) -> dict:
             "load_before": round(load0[0], 2), "load_after_1min": round(load1[0], 2),
             "load_after_15min": round(load1[2], 2), "cpus": os.cpu_count(),
             "cpu_seconds": round(cpu_s, 1), "nice": os.nice(0), "disk_written": written,
-            "written_over_file": round(written / size, 2) if size else None,
+            "written_over_file": round(written / nbytes, 2) if nbytes else None,
             "plan": plan[0] if plan else None, "errors": errors[:2],
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
