@@ -224,16 +224,20 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
     img, original = prepare(item.src, cfg.size, cfg.max_side)
     dtype = DTYPES[cfg.dtype][0]
     item.out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(item.out.parent).free
-    need = model.dim * img.height * img.width * dtype.itemsize
-    if need > free:
-        raise OSError(f"the {model.dim}x{img.height}x{img.width} {cfg.dtype} output needs "
-                      f"{format_bytes(need)} on disk, only {format_bytes(free)} free in "
-                      f"{item.out.parent}; use --max-side, --size or --dtype float16")
     extra = preview_bytes(img.height, img.width) if item.png is not None else 0
     mem = plan_memory(model, (img.height, img.width), budget, dtype, output_in_memory=False,
                       tile=cfg.tile, base=resident_memory() if base is None else base,
                       extra=extra, uint8_image=True)
+    free = shutil.disk_usage(item.out.parent).free
+    need = model.dim * img.height * img.width * dtype.itemsize
+    # + one band of rows parked in FeatureWriter's scratch file
+    band = model.dim * min(mem.plan.tile, img.height) * img.width * dtype.itemsize
+    band = band if len(mem.plan.xs) > 1 else 0
+    if need + band > free:
+        more = f" (+ {format_bytes(band)} while its tiles are written)" if band else ""
+        raise OSError(f"the {model.dim}x{img.height}x{img.width} {cfg.dtype} output needs "
+                      f"{format_bytes(need)} on disk{more}, only {format_bytes(free)} free in "
+                      f"{item.out.parent}; use --max-side, --size or --dtype float16")
     if mem.is_tiled:
         note(mem.message(str(item.src)))
     # uint8, converted window by window (tiled.pixels): 3 bytes per pixel held, not 12

@@ -9,8 +9,9 @@
 
 The file is created at full size in a temporary file beside the target (disk space reserved up
 front, so a full disk fails before any tile is computed), filled block by block with ``pwrite``
-(:class:`FeatureWriter`: tiles' blocks are rearranged per band of rows so that each byte reaches
-the disk about once or twice, not once per neighbouring tile), fsync'ed and renamed. Nothing of
+(:class:`FeatureWriter`: tiles' blocks are parked in a scratch file and rearranged per band of
+rows, so that the output's pages are written once, not once per neighbouring tile), fsync'ed
+and renamed. Nothing of
 the file is mapped, so the resident memory of a run does not grow with the output: an 18 GB
 output streams to disk through one channel's band at a time.
 """
@@ -20,7 +21,8 @@ import errno
 import json
 import os
 import struct
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +67,12 @@ def _npy_header(shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
 
 
 class _Band:
-    """Columns of one band of rows received so far: ``widths[x0] = w`` per tile, and per
-    channel how many columns are written (the band is complete at ``W``)."""
+    """One band of rows being written: where its parked blocks start in the scratch file,
+    ``widths[x0] = w`` of its tiles so far, and per channel how many columns are written (the
+    band is complete at ``W``)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, base: int) -> None:
+        self.base = base
         self.widths: dict[int, int] = {}
         self.filled = np.zeros(channels, dtype=np.int64)
 
@@ -83,19 +87,22 @@ class FeatureWriter:
     an 18 GB file). Rows are only complete after the band's last tile, and holding the band
     until then (``C * h * W`` values, 3.3 GB at 6000 px) does not fit a tight budget, so:
 
-    - a block of a tile ending before column ``W`` is parked *tile-major* inside its own
-      band's runs: channel ``k``'s ``h x w`` values contiguous at ``h * x0`` of run ``k`` (the
-      tiles partition the run, so nothing else is touched, and its pages are whole);
+    - a block of a tile ending before column ``W`` is parked *tile-major* in an unnamed scratch
+      file beside the output (gone with the process, even when killed): channel ``k``'s
+      ``h x w`` values contiguous at ``h * x0`` of its ``h * W`` run of the band;
     - the block ending at ``W`` (per channel group, as it arrives) completes its channels:
       each run's parked part is read back (usually from the page cache), assembled with the
-      block into ``h x W`` rows and written over the run.
+      block into ``h x W`` rows and written to the output once, as whole pages;
+    - when no band is left open the scratch file is truncated, which drops its pages without
+      writing them: parked data reaches the disk only if the kernel flushed it first (its
+      timer, 30 s by default, restarts with each band; or more than ~10 % of RAM is dirty).
 
-    So a byte is written twice at most (once more only if the kernel wrote the parked page
-    back before the band completed), the last tile's once; full-width blocks go straight to
-    their place. Memory: one channel's band twice, ``2 * h * W * itemsize``
-    (:func:`~upfeat.inference.memory.stream_bytes`). Blocks of a band must all have its
-    ``(y0, h)``, and per channel the block ending at ``W`` must come last. POSIX positioned
-    I/O (``os.pwrite``, ``os.preadv``: Linux, macOS).
+    So the output's bytes are written once (twice for the page shared by two bands of a
+    channel), plus at most once more for parked bytes the kernel flushed; full-width blocks go
+    straight to their place. Memory: one channel's band twice, ``2 * h * W * itemsize``
+    (:func:`~upfeat.inference.memory.stream_bytes`); disk: one band more. Blocks of a band must
+    all have its ``(y0, h)``, and per channel the block ending at ``W`` must come last. POSIX
+    positioned I/O (``os.pwrite``, ``os.preadv``: Linux, macOS).
     """
 
     def __init__(self, path: Path, header: bytes, shape: tuple[int, int, int],
@@ -106,6 +113,8 @@ class FeatureWriter:
             f.write(header)
         _reserve(path, len(header) + int(np.prod(shape)) * self.itemsize)
         self._fd = os.open(path, os.O_RDWR)
+        self._scratch = tempfile.TemporaryFile(dir=path.parent)
+        self._scratch_end = 0
         self._bands: dict[tuple[int, int], _Band] = {}
 
     def write(self, block: torch.Tensor, y0: int = 0, x0: int = 0, c0: int = 0) -> None:
@@ -116,15 +125,14 @@ class FeatureWriter:
         if min(c0, y0, x0) < 0 or c0 + c > C or y0 + h > H or x0 + w > W:
             raise ValueError(f"block {tuple(block.shape)} at ({c0}, {y0}, {x0}) does not fit "
                              f"{self.shape}")
-        # buffers shared by the block's channels: fresh ones per channel would each be new
-        # pages to fault in (they are mmap'ed by malloc above 1 MiB)
         if w == W:  # whole rows: already in file order
-            rows = np.empty((h, w), dtype=_NP[self.dtype])
-            for k in range(c):
-                torch.from_numpy(rows).copy_(block[k])  # the cast torch's .to() does
-                self._pwrite(rows, self._run(c0 + k, y0))
+            for k, values in self._cast(block, c0):
+                self._pwrite(values, self._run(k, y0))
             return
-        band = self._bands.setdefault((y0, h), _Band(C))
+        band = self._bands.get((y0, h))
+        if band is None:
+            band = self._bands[(y0, h)] = _Band(C, self._scratch_end)
+            self._scratch_end += C * h * W * self.itemsize
         if band.widths.get(x0, w) != w:
             raise ValueError(f"rows {y0}:{y0 + h}: a block at column {x0} is {w} wide, an "
                              f"earlier one {band.widths[x0]}")
@@ -134,40 +142,56 @@ class FeatureWriter:
             raise ValueError(f"rows {y0}:{y0 + h}, channels {c0}:{c0 + c}: the block ending at "
                              f"column {W} must come after the others of its band, once each")
         band.widths[x0], band.filled[c0:c0 + c] = w, filled
-        if not last:  # park it tile-major in its runs
-            tile = np.empty((h, w), dtype=_NP[self.dtype])
-            for k in range(c):
-                torch.from_numpy(tile).copy_(block[k])
-                self._pwrite(tile, self._run(c0 + k, y0) + h * x0 * self.itemsize)
+        scratch = self._scratch.fileno()
+        if not last:  # park it tile-major
+            for k, values in self._cast(block, c0):
+                self._pwrite(values, band.base + (k * W + x0) * h * self.itemsize, scratch)
             return
         parts = sorted((x, v) for x, v in band.widths.items() if x < x0)
+        # one pair of buffers for all channels (fresh ones are new pages to fault in)
         parked = np.empty(h * x0, dtype=_NP[self.dtype])
         rows = np.empty((h, W), dtype=parked.dtype)
-        for k in range(c):
-            run = self._run(c0 + k, y0)
-            self._pread(parked, run)
+        for k, values in self._cast(block, c0):
+            self._pread(parked, band.base + k * W * h * self.itemsize, scratch)
             for x, v in parts:
                 rows[:, x:x + v] = parked[h * x:h * (x + v)].reshape(h, v)
-            torch.from_numpy(rows)[:, x0:].copy_(block[k])
-            self._pwrite(rows, run)
+            rows[:, x0:] = values
+            self._pwrite(rows, self._run(k, y0))
         if (band.filled == W).all():
             del self._bands[(y0, h)]
+            if not self._bands:  # drop the parked pages, flushed or not
+                os.ftruncate(scratch, 0)
+                self._scratch_end = 0
+
+    def _cast(self, block: torch.Tensor, c0: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``(channel, its (h, w) values in the file's dtype)`` for each channel of ``block``,
+        in one buffer. numpy casts (IEEE round to nearest even, as torch's ``.to()``: equal for
+        every non-NaN float32): torch's multi-threaded copies of ~1 MB cost ~10x more CPU on a
+        busy machine (the threads wait for each other), and casting the whole block at once
+        would hold it twice."""
+        if block.device.type != "cpu" or block.dtype not in (torch.float16, torch.float32):
+            block = block.to("cpu", torch.float32)  # e.g. bfloat16: exact in float32
+        buf = np.empty(block.shape[1:], dtype=_NP[self.dtype])
+        for k in range(block.shape[0]):
+            with np.errstate(over="ignore"):  # > 65504 is inf in float16, as with torch
+                np.copyto(buf, block[k].numpy(), casting="same_kind")
+            yield c0 + k, buf
 
     def _run(self, channel: int, y0: int) -> int:
         """File offset of row ``y0`` of ``channel``."""
         _, H, W = self.shape
         return self.offset + (channel * H + y0) * W * self.itemsize
 
-    def _pwrite(self, arr: np.ndarray, offset: int) -> None:
+    def _pwrite(self, arr: np.ndarray, offset: int, fd: int | None = None) -> None:
         view = memoryview(arr).cast("B")
         while view:  # regular files write all at once; loop in case of a short write
-            n = os.pwrite(self._fd, view, offset)
+            n = os.pwrite(self._fd if fd is None else fd, view, offset)
             view, offset = view[n:], offset + n
 
-    def _pread(self, arr: np.ndarray, offset: int) -> None:
+    def _pread(self, arr: np.ndarray, offset: int, fd: int) -> None:
         view = memoryview(arr).cast("B")
         while view:
-            n = os.preadv(self._fd, [view], offset)
+            n = os.preadv(fd, [view], offset)
             if n == 0:
                 raise OSError(f"feature file ends before byte {offset}")
             view, offset = view[n:], offset + n
@@ -179,7 +203,8 @@ class FeatureWriter:
             raise ValueError(f"rows {y0}:{y0 + h} of the features were not all written")
 
     def close(self) -> None:
-        """Close the file (the caller fsyncs it)."""
+        """Close the file (the caller fsyncs it) and drop the scratch file."""
+        self._scratch.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -130,7 +130,8 @@ def backbone_bytes(model: torch.nn.Module, height: int, width: int) -> int:
 def stream_bytes(rows: int, width: int, itemsize: int) -> int:
     """Bytes :class:`~upfeat.inference.featfile.FeatureWriter` holds while it completes a band
     of ``rows`` rows of a ``width``-wide output: one channel's parked part read back plus the
-    assembled rows, ``2 * rows * width * itemsize`` (14 MB for 600 x 6000 float16)."""
+    assembled rows (the channel being cast included), ``2 * rows * width * itemsize`` (14 MB
+    for 600 x 6000 float16)."""
     return 2 * rows * width * itemsize
 
 
