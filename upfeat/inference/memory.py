@@ -31,7 +31,7 @@ Untiled run = image + forward(H, W) (+ output, if kept in memory in another dtyp
 
 Whole ``upfeat upsample`` runs (peak RSS of the process, output streamed) are measured by
 ``bench_memory.py --cli`` (``benchmarks/results/memory_cli.md``): 2000x1500 at 1 GB with the
-JBU peaked at 1.01 x the budget (224-px tiles: ~850 MB of the 1 GB is torch and the model).
+JBU peaked at 1.03 x the budget (238-px tiles: ~850 MB of the 1 GB is torch and the model).
 """
 from __future__ import annotations
 
