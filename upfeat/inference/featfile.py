@@ -169,8 +169,10 @@ class FeatureWriter:
         every non-NaN float32): torch's multi-threaded copies of ~1 MB cost ~10x more CPU on a
         busy machine (the threads wait for each other), and casting the whole block at once
         would hold it twice."""
-        if block.device.type != "cpu" or block.dtype not in (torch.float16, torch.float32):
-            block = block.to("cpu", torch.float32)  # e.g. bfloat16: exact in float32
+        block = block.detach()
+        if block.dtype not in (torch.float16, torch.float32, torch.float64):
+            block = block.float()  # e.g. bfloat16: exact in float32
+        block = block.cpu()
         buf = np.empty(block.shape[1:], dtype=_NP[self.dtype])
         for k in range(block.shape[0]):
             with np.errstate(over="ignore"):  # > 65504 is inf in float16, as with torch
@@ -193,7 +195,7 @@ class FeatureWriter:
         while view:
             n = os.preadv(fd, [view], offset)
             if n == 0:
-                raise OSError(f"feature file ends before byte {offset}")
+                raise OSError(f"scratch file ends before byte {offset}")
             view, offset = view[n:], offset + n
 
     def check_complete(self) -> None:
