@@ -16,8 +16,11 @@ Writes benchmarks/results/memory.json and prints the fitted constants per pixel 
 
 ``--cli`` instead runs the whole ``upfeat upsample`` command on a real photo resized to each
 size (``skate.jpg`` from ../shared/data/samples, saved as PNG), under ``/usr/bin/time -v``: peak
-RSS of the process (everything: torch, model, image, tiles, mapped output pages) against
-``--max-memory``, wall time, and the load average of this shared machine around the run.
+RSS of the process (everything: torch, model, image, tiles, the writer's band) against
+``--max-memory``, wall time, the load average of this shared machine around the run, and the
+bytes the run sent towards the disk over the output file's size (``/proc/self/io`` write_bytes
+less cancelled_write_bytes of this process, which takes in a child's once it is reaped; pages
+rewritten after writeback count again, ~1 is the goal).
 Acceptance (issue 15): peak <= 1.1 x budget, and the 6000x4000 JBU run <= 10 min.
 
     python benchmarks/bench_memory.py --cli 1500x2000:1GB:bilinear 1500x2000:1GB:jbu \
@@ -47,6 +50,16 @@ def _status(key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(key)
+
+
+def _written() -> int:
+    """Bytes this process and its reaped children sent towards the disk: dirtied pages less
+    those dropped unwritten (FeatureWriter's truncated scratch file); 0 off Linux."""
+    try:
+        io = dict(ln.split(": ") for ln in Path("/proc/self/io").read_text().splitlines())
+    except OSError:
+        return 0
+    return int(io["write_bytes"]) - int(io["cancelled_write_bytes"])
 
 
 def one(part: str, upsampler: str, h: int, w: int) -> dict:
@@ -97,13 +110,14 @@ def cli_row(spec: str) -> dict:
         cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "upfeat", "upsample", str(src),
                "--out", str(Path(tmp) / "o"), "--upsampler", up, "--max-memory", budget,
                "--dtype", "float16", "--accelerator", "cpu"]
-        load0, t0 = os.getloadavg(), time.time()
+        load0, t0, w0 = os.getloadavg(), time.time(), _written()
         r = subprocess.run(cmd, capture_output=True, text=True, check=False)  # failures are rows
-        wall, load1 = time.time() - t0, os.getloadavg()
+        wall, load1, written = time.time() - t0, os.getloadavg(), _written() - w0
         peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)[1]) * 1024
         cpu_s = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", r.stderr)[1])
                     for k in ("User", "System"))
         out = Path(tmp) / "o" / f"{src.stem}.safetensors"
+        nbytes = out.stat().st_size if out.is_file() else 0
         plan = [ln for ln in r.stdout.splitlines() if ln.startswith(str(src))]
     errors = [ln for ln in (r.stdout + r.stderr).splitlines()
               if ln.startswith(("failed:", "error:"))]
@@ -112,7 +126,8 @@ def cli_row(spec: str) -> dict:
             "peak_over_budget": round(peak / parse_bytes(budget), 3), "seconds": round(wall, 1),
             "load_before": round(load0[0], 2), "load_after_1min": round(load1[0], 2),
             "load_after_15min": round(load1[2], 2), "cpus": os.cpu_count(),
-            "cpu_seconds": round(cpu_s, 1), "nice": os.nice(0),
+            "cpu_seconds": round(cpu_s, 1), "nice": os.nice(0), "disk_written": written,
+            "written_over_file": round(written / nbytes, 2) if nbytes else None,
             "plan": plan[0] if plan else None, "errors": errors[:2],
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
@@ -130,12 +145,13 @@ def cli_rows(specs: list[str]) -> None:
 def write_md(rows: list[dict]) -> None:
     """Rewrite memory_cli.md from the rows of memory_cli.json."""
     lines = ["| image | budget | upsampler | exit | peak RSS | peak / budget | time | CPU-s "
-             "(user + sys) | load (1 min, before / after) | date |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(user + sys) | disk writes / file | load (1 min, before / after) | date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['budget']} | {r['upsampler']} | {r['exit']} | "
                      f"{r['peak_rss'] / 1e9:.2f} GB | {r['peak_over_budget']:.2f} | "
                      f"{r['seconds'] / 60:.1f} min | {r.get('cpu_seconds', '')} | "
+                     f"{r.get('written_over_file') or ''} | "
                      f"{r['load_before']} / {r['load_after_1min']} | {r['date']} |")
     (OUT / "memory_cli.md").write_text(
         "# `upfeat upsample` peak RSS vs --max-memory (float16 output, 2-core shared CPU)\n\n"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from upfeat.inference.featfile import MappedFeatures, _safetensors_header
+from upfeat.inference.featfile import (FeatureWriter, _safetensors_header, read_features,
+                                       write_features)
 from upfeat.inference.planning import plan_tiles
 from upfeat.inference.preview import Preview
 from upfeat.inference.tiled import pixels, upsample_blocks, upsample_tiled
@@ -115,14 +116,41 @@ def test_preview_from_channel_blocks_equals_pca_of_the_features(jbu_model, real_
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
-def test_mapped_write_of_channel_groups(tmp_path):
+def test_write_of_channel_groups(tmp_path):
     data = torch.randn(5, 4, 6)
-    out = MappedFeatures(tmp_path / "f.safetensors", _safetensors_header((5, 4, 6), torch.float32, {}),
-                         (5, 4, 6), torch.float32)
+    path = tmp_path / "f.safetensors"
+    out = FeatureWriter(path, _safetensors_header((5, 4, 6), torch.float32, {}), (5, 4, 6),
+                        torch.float32)
     out.write(data[:2, :, :3], 0, 0, 0)
     out.write(data[2:, :, :3], 0, 0, 2)
     out.write(data[:, :, 3:], 0, 3)
-    assert torch.equal(out.tensor, data)
     with pytest.raises(ValueError, match="does not fit"):
         out.write(data[:2], 0, 0, 4)
+    out.check_complete()
     out.close()
+    assert torch.equal(read_features(path)[0], data)
+
+
+def test_tiled_jbu_through_the_file_equals_the_tensor_bit_for_bit(jbu_model, real_image, tmp_path):
+    """A real frame in 3x4 tiles (bands of rows, columns, channel groups of 64 + 8) written by
+    FeatureWriter (parked tile-major, rearranged per band, cast by numpy) gives the same
+    float16 values as the same blocks copied into a float16 tensor by torch, which is what the
+    memory-mapped writer did (the blocks are recorded once: the JBU itself may differ in the
+    last bit between runs on a busy machine)."""
+    H, W = 182, 250
+    x = real_image(H, W)
+    plan = plan_tiles((H, W), 14, 112, 56)
+    assert (len(plan.ys), len(plan.xs)) == (3, 4)
+    blocks = []
+    with torch.inference_mode():
+        upsample_tiled(jbu_model, x, plan,
+                       write=lambda b, y0, x0, c0: blocks.append((b[0].clone(), y0, x0, c0)))
+    want = torch.empty(72, H, W, dtype=torch.float16)
+    for b, y0, x0, c0 in blocks:
+        want[c0:c0 + b.shape[0], y0:y0 + b.shape[1], x0:x0 + b.shape[2]].copy_(b)
+
+    def fill(out: FeatureWriter) -> None:
+        for b, y0, x0, c0 in blocks:
+            out.write(b, y0, x0, c0)
+    path = write_features(tmp_path / "t.safetensors", (72, H, W), torch.float16, {}, fill)
+    assert len(blocks) == 12 * 2 and torch.equal(read_features(path)[0], want)

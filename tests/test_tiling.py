@@ -122,7 +122,7 @@ def test_vit_with_upsampler_tiles_equals_one_pass(vit_bilinear, real_image):
 
 
 def test_tiled_into_a_float16_buffer():
-    """``out`` of another dtype (as a memory-mapped file is): every element is written, the
+    """``out`` of another dtype (as a float16 output file is): every element is written, the
     blend accumulates in float16 (at most a few roundings)."""
     model = local_model("bilinear")
     img = torch.rand(1, 3, 230, 333, generator=torch.Generator().manual_seed(2))

@@ -8,8 +8,8 @@ Behaviour (see :func:`run`):
   estimated (:mod:`upfeat.inference.memory`) and it is tiled (:mod:`upfeat.inference.tiled`) when one pass would
   exceed ``--max-memory``, the budget of the whole process (what it holds before the image,
   torch and the model, is measured and counted). Tiles stream to disk as they are computed
-  (:class:`upfeat.inference.featfile.MappedFeatures`), so outputs may exceed RAM and never count against
-  the budget.
+  (:class:`upfeat.inference.featfile.FeatureWriter`), so outputs may exceed RAM and never count
+  against the budget.
 - Re-runs skip an image only when its outputs are complete, readable and made with the same
   settings (backbone, upsampler and its weights, size, dtype, format, upfeat version: stored in
   each file); anything else is redone, with a note (``--overwrite`` recomputes everything).
@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..io import ImageReadError
-from .featfile import DTYPES, FORMATS, MappedFeatures, write_features
+from .featfile import DTYPES, FORMATS, FeatureWriter, write_features
 from .jobs import Item, list_items, prepare
 
 __all__ = ["Summary", "UpsampleConfig", "process", "run"]
@@ -224,16 +224,20 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
     img, original = prepare(item.src, cfg.size, cfg.max_side)
     dtype = DTYPES[cfg.dtype][0]
     item.out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(item.out.parent).free
-    need = model.dim * img.height * img.width * dtype.itemsize
-    if need > free:
-        raise OSError(f"the {model.dim}x{img.height}x{img.width} {cfg.dtype} output needs "
-                      f"{format_bytes(need)} on disk, only {format_bytes(free)} free in "
-                      f"{item.out.parent}; use --max-side, --size or --dtype float16")
     extra = preview_bytes(img.height, img.width) if item.png is not None else 0
     mem = plan_memory(model, (img.height, img.width), budget, dtype, output_in_memory=False,
                       tile=cfg.tile, base=resident_memory() if base is None else base,
                       extra=extra, uint8_image=True)
+    free = shutil.disk_usage(item.out.parent).free
+    need = model.dim * img.height * img.width * dtype.itemsize
+    # + one band of rows parked in FeatureWriter's scratch file
+    band = model.dim * min(mem.plan.tile, img.height) * img.width * dtype.itemsize
+    band = band if len(mem.plan.xs) > 1 else 0
+    if need + band > free:
+        more = f" (+ {format_bytes(band)} while its tiles are written)" if band else ""
+        raise OSError(f"the {model.dim}x{img.height}x{img.width} {cfg.dtype} output needs "
+                      f"{format_bytes(need)} on disk{more}, only {format_bytes(free)} free in "
+                      f"{item.out.parent}; use --max-side, --size or --dtype float16")
     if mem.is_tiled:
         note(mem.message(str(item.src)))
     # uint8, converted window by window (tiled.pixels): 3 bytes per pixel held, not 12
@@ -258,7 +262,7 @@ def process(model: torch.nn.Module, item: Item, cfg: UpsampleConfig, budget: int
         note(f"tile {done}/{total}, {rate:.1f} s/tile, ~{rate * (total - done) / 60:.0f} min "
              f"left", True)
 
-    def fill(out: MappedFeatures) -> None:
+    def fill(out: FeatureWriter) -> None:
         with torch.inference_mode():
             lowres = lowres_tiled(model, x, mem.backbone_plan, progress=tick)
             preview = Preview(x[0], lowres[0], model.stride) if item.png is not None else None

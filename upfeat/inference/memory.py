@@ -31,7 +31,7 @@ Untiled run = image + forward(H, W) (+ output, if kept in memory in another dtyp
 
 Whole ``upfeat upsample`` runs (peak RSS of the process, output streamed) are measured by
 ``bench_memory.py --cli`` (``benchmarks/results/memory_cli.md``): 2000x1500 at 1 GB with the
-JBU peaked at 1.01 x the budget (224-px tiles: ~850 MB of the 1 GB is torch and the model).
+JBU peaked at 1.03 x the budget (238-px tiles: ~850 MB of the 1 GB is torch and the model).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ import torch
 from ..upsamplers.jbu import CHANNEL_GROUP
 
 __all__ = ["available_memory", "backbone_bytes", "format_bytes", "forward_bytes", "grid_size",
-           "parse_bytes", "resident_memory", "takes_sink", "upsampler_bytes"]
+           "parse_bytes", "resident_memory", "stream_bytes", "takes_sink", "upsampler_bytes"]
 
 MiB = 2**20
 K_BACKBONE = 26.0
@@ -53,7 +53,6 @@ K_LEARNED, K_GROUP, PER_PX_LEARNED, CONST_LEARNED = 0.4, 1.0, 800, 8 * MiB
 K_OTHER, PER_PX_OTHER, CONST_OTHER = 2.2, 1200, 96 * MiB
 IMAGE_BYTES_PER_PX = 15
 UINT8_IMAGE_BYTES_PER_PX = 3
-STREAM_BYTES = 16 * MiB  # mapped output pages resident while one block is written
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "tib": 2**40}
@@ -126,6 +125,14 @@ def backbone_bytes(model: torch.nn.Module, height: int, width: int) -> int:
     """Estimated peak bytes of the backbone on one image (activations + its low-res result)."""
     _, tokens = grid_size(model, height, width)
     return int((K_BACKBONE + 1) * tokens * model.dim * 4)
+
+
+def stream_bytes(rows: int, width: int, itemsize: int) -> int:
+    """Bytes :class:`~upfeat.inference.featfile.FeatureWriter` holds while it completes a band
+    of ``rows`` rows of a ``width``-wide output: one channel's parked part read back plus the
+    assembled rows (the channel being cast included), ``2 * rows * width * itemsize`` (14 MB
+    for 600 x 6000 float16)."""
+    return 2 * rows * width * itemsize
 
 
 def takes_sink(upsampler: torch.nn.Module) -> bool:

@@ -12,9 +12,9 @@ Tiled run = the larger of its two stages, both holding the image and the low-res
 - stage 1: + backbone on the whole image, or on one backbone tile if that does not fit;
 - stage 2: + upsampler on one tile of ``T x T`` px (the tile's owned part goes straight to
   the output: one channel group at a time for the JBU stack, else its whole result), + the output if it is held in memory (``C * H * W * itemsize``)
-  or, when it streams to a file (``upfeat upsample``), the pages of one written channel group
-  (:data:`~upfeat.inference.memory.STREAM_BYTES`,
-  :class:`upfeat.inference.featfile.MappedFeatures`).
+  or, when it streams to a file (``upfeat upsample``), one channel's band of rows being
+  completed (:func:`~upfeat.inference.memory.stream_bytes`,
+  :class:`upfeat.inference.featfile.FeatureWriter`).
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import (IMAGE_BYTES_PER_PX, STREAM_BYTES, UINT8_IMAGE_BYTES_PER_PX, backbone_bytes,
-                     format_bytes, forward_bytes, grid_size, upsampler_bytes)
+from .memory import (IMAGE_BYTES_PER_PX, UINT8_IMAGE_BYTES_PER_PX, backbone_bytes, format_bytes,
+                     forward_bytes, grid_size, stream_bytes, upsampler_bytes)
 
 __all__ = ["BACKBONE_OVERLAP_CELLS", "MemoryPlan", "TilePlan", "default_overlap", "owned_spans",
            "plan_memory", "plan_tiles"]
@@ -224,7 +224,7 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
     Args:
         model: an :class:`upfeat.UpFeat`.  size: ``(H, W)`` of the image.
         dtype: the output dtype.  output_in_memory: whether the whole ``(C, H, W)`` output is
-            held in memory (``False`` when it is streamed to a memory-mapped file).
+            held in memory (``False`` when it is streamed to a file).
         tile: force the upsampler's tile side (pixels, a multiple of the stride).
         overlap: upsampler tile overlap in pixels (default
             :func:`default_overlap`).
@@ -263,7 +263,10 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
         raise MemoryError(f"the {C}x{H}x{W} output alone is {format_bytes(output)}, over the "
                           f"budget of {format_bytes(budget)}; stream it to a file (upfeat "
                           f"upsample), shrink the image, or use float16")
-    kept = output if output_in_memory else STREAM_BYTES
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def kept(t: int) -> int:  # the output, or the writer's band of rows (at most a tile high)
+        return output if output_in_memory else stream_bytes(min(t, H), W, itemsize)
 
     def stage1(t: int) -> int:  # image + low-res features + the backbone on one tile
         h, w = min(t, H), min(t, W)
@@ -271,7 +274,7 @@ def plan_memory(model: torch.nn.Module, size: tuple[int, int], budget: int,
 
     def stage2(t: int) -> int:  # ... + the upsampler on one tile (+ the output or its pages)
         h, w = min(t, H), min(t, W)
-        return held + window * h * w + low + upsampler_bytes(model, h, w, result=False) + kept
+        return held + window * h * w + low + upsampler_bytes(model, h, w, result=False) + kept(t)
 
     ov_b = BACKBONE_OVERLAP_CELLS * s
     ov_u = default_overlap(getattr(model.upsampler, "name", ""), s) if overlap is None else overlap

@@ -166,8 +166,9 @@ def upsample_tiled(model: torch.nn.Module, img: torch.Tensor, plan: TilePlan,
         write: instead of ``out``, called as ``write(block, y0, x0, c0)`` with each tile's owned
             ``(B, c, h, w)`` float32 block of channels ``c0:c0+c`` (all of them, or one channel
             group of :func:`upsample_blocks`; e.g.
-            :meth:`upfeat.inference.featfile.MappedFeatures.write` streaming to a file); the
-            blocks partition the output. ``out`` is then ``None``.
+            :meth:`upfeat.inference.featfile.FeatureWriter.write` streaming to a file); the
+            blocks partition the output and come tile by tile in raster order (each band of
+            rows ends with its rightmost tile). ``out`` is then ``None``.
         lowres: the backbone's features if already computed (stage 1 is then skipped).
 
     Returns:
