@@ -129,3 +129,19 @@ def test_band_order_and_fit_are_checked(tmp_path):
     with pytest.raises(ValueError, match="rows 2:4 of the features were not all written"):
         write_features(tmp_path / "x.npy", (3, 4, 6), torch.float32, {}, fill)
     assert list(tmp_path.iterdir()) == [tmp_path / "x.json"]  # no feature file, no temp file
+
+
+def test_tiled_writes_without_positioned_io(tmp_path, monkeypatch):
+    """Where ``os`` has no ``pwrite``/``preadv`` (Windows) the writer seeks and writes: the same
+    file, tiles parked and assembled alike."""
+    monkeypatch.delattr(os, "pwrite", raising=False)
+    monkeypatch.delattr(os, "preadv", raising=False)
+    data = torch.randn(3, 40, 50)
+
+    def fill(out) -> None:
+        for y in range(0, 40, 16):
+            for x in range(0, 50, 20):
+                out.write(data[:, y:y + 16, x:x + 20], y, x)
+
+    path = write_features(tmp_path / "f.safetensors", (3, 40, 50), torch.float32, {}, fill)
+    assert torch.equal(load_file(str(path))["features"], data)

@@ -66,6 +66,22 @@ def _npy_header(shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
     return buf.getvalue()
 
 
+def _pwrite(fd: int, view: memoryview, offset: int) -> int:
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, view, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # Windows: no positioned I/O; one writer, so seek + write
+    return os.write(fd, view)
+
+
+def _pread(fd: int, view: memoryview, offset: int) -> int:
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    data = os.read(fd, len(view))
+    view[:len(data)] = data
+    return len(data)
+
+
 class _Band:
     """One band of rows being written: where its parked blocks start in the scratch file,
     ``widths[x0] = w`` of its tiles so far, and per channel how many columns are written (the
@@ -101,8 +117,8 @@ class FeatureWriter:
     channel), plus at most once more for parked bytes the kernel flushed; full-width blocks go
     straight to their place. Memory: one channel's band twice, ``2 * h * W * itemsize``
     (:func:`~upfeat.inference.memory.stream_bytes`); disk: one band more. Blocks of a band must
-    all have its ``(y0, h)``, and per channel the block ending at ``W`` must come last. POSIX
-    positioned I/O (``os.pwrite``, ``os.preadv``: Linux, macOS).
+    all have its ``(y0, h)``, and per channel the block ending at ``W`` must come last.
+    Positioned I/O (``os.pwrite``, ``os.preadv``; seek + write where there is none: Windows).
     """
 
     def __init__(self, path: Path, header: bytes, shape: tuple[int, int, int],
@@ -187,13 +203,13 @@ class FeatureWriter:
     def _pwrite(self, arr: np.ndarray, offset: int, fd: int | None = None) -> None:
         view = memoryview(arr).cast("B")
         while view:  # regular files write all at once; loop in case of a short write
-            n = os.pwrite(self._fd if fd is None else fd, view, offset)
+            n = _pwrite(self._fd if fd is None else fd, view, offset)
             view, offset = view[n:], offset + n
 
     def _pread(self, arr: np.ndarray, offset: int, fd: int) -> None:
         view = memoryview(arr).cast("B")
         while view:
-            n = os.preadv(fd, [view], offset)
+            n = _pread(fd, view, offset)
             if n == 0:
                 raise OSError(f"scratch file ends before byte {offset}")
             view, offset = view[n:], offset + n
