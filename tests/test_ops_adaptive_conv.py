@@ -344,3 +344,25 @@ def test_out_writes_into_a_channel_slice(backend, B):
         adaptive_conv(feat, w, backend=backend, out=big[:, 2:6])
     with pytest.raises(RuntimeError, match="does not support autograd"):
         adaptive_conv(feat.requires_grad_(), w, backend=backend, out=big[:, 2:7])
+
+
+@pytest.mark.skipif(not can_run("cpp", torch.device("cpu")), reason="no C++ kernel")
+def test_cache_limit_zero_returns_every_block_and_restores():
+    from upfeat.ops import cached_bytes, empty_cache
+    from upfeat.ops.adaptive_conv import cpu
+
+    feat, w = _inputs(1, 384, 48, 64, 3, dtype=torch.float32)  # output 4.7 MB: pooled
+    empty_cache()
+    old = cpu.set_cache_limit(0)
+    try:
+        del_me = adaptive_conv(feat, w, backend="cpp")
+        del del_me
+        assert cached_bytes() == 0  # freed straight back to the OS
+    finally:
+        assert cpu.set_cache_limit(old) == 0.0
+    out = adaptive_conv(feat, w, backend="cpp")
+    del out
+    assert cached_bytes() > 0  # the default limit again
+    with pytest.raises(ValueError, match=">= 0 MB"):
+        cpu.set_cache_limit(-1)
+    empty_cache()

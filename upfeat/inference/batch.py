@@ -169,7 +169,6 @@ def lean_memory():
       then stay resident after they are freed (~50-80 MB measured per tile; this one stays).
     """
     import ctypes
-    import os
 
     from ..ops.adaptive_conv import cpu
     try:
@@ -178,19 +177,11 @@ def lean_memory():
         libc.mallopt(-1, 2**20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         pass
-    old = os.environ.get("UPFEAT_POOL_MB")
-    os.environ["UPFEAT_POOL_MB"] = "0"  # read when the extension loads (first JBU call)
-    if cpu.load_extension.cache_info().currsize:
-        cpu.load_extension().set_cache_limit(0)
+    old = cpu.set_cache_limit(0)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("UPFEAT_POOL_MB")
-        else:
-            os.environ["UPFEAT_POOL_MB"] = old
-        if cpu.load_extension.cache_info().currsize:
-            cpu.load_extension().set_cache_limit(int(float(old or 1024) * 2**20))
+        cpu.set_cache_limit(old)
 
 
 @contextlib.contextmanager

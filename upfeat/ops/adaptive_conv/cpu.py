@@ -79,8 +79,29 @@ def load_extension():
             "needs a C++ compiler (g++) and ninja; set UPFEAT_VERBOSE_BUILD=1 to see the build "
             "log, or pass backend='shift' to use the pure-torch path."
         ) from e
-    ext.set_cache_limit(int(float(os.environ.get("UPFEAT_POOL_MB", "1024")) * 2**20))
+    ext.set_cache_limit(_pool_bytes())
     return ext
+
+
+_POOL_MB: list[float] = []  # set_cache_limit's value, which takes precedence over UPFEAT_POOL_MB
+
+
+def _pool_bytes() -> int:
+    mb = _POOL_MB[0] if _POOL_MB else float(os.environ.get("UPFEAT_POOL_MB", "1024"))
+    return int(mb * 2**20)
+
+
+def set_cache_limit(mb: float | None) -> float | None:
+    """Keep at most ``mb`` MB of freed output buffers (0: none, every block goes back to the OS;
+    ``None``: ``UPFEAT_POOL_MB``, default 1024). Applies now, or when the extension loads.
+    Returns the previous setting (``None`` if there was none), for restoring it."""
+    if mb is not None and not mb >= 0:
+        raise ValueError(f"cache limit must be >= 0 MB, got {mb!r}")
+    old = _POOL_MB[0] if _POOL_MB else None
+    _POOL_MB[:] = [] if mb is None else [float(mb)]
+    if _loaded():
+        load_extension().set_cache_limit(_pool_bytes())
+    return old
 
 
 def empty_cache() -> int:
