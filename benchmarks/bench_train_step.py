@@ -9,7 +9,7 @@ over steps 6..N (the first steps build the C++ extension and warm the caches) an
     git worktree add /tmp/old <commit>    # e.g. the state before issue 16
     python benchmarks/bench_train_step.py --other /tmp/old --rounds 2
 
-Writes benchmarks/results/train_step.md. Say what else ran (the load averages are recorded).
+Writes benchmarks/results/train_step.md (``--out``). Say what else ran (the load averages are recorded).
 """
 from __future__ import annotations
 
@@ -27,11 +27,17 @@ DATA = ROOT.parent / "shared" / "data" / "camvid" / "train" / "images"
 
 
 def run(tree: Path, steps: int, out: Path) -> dict:
+    tree = tree.resolve()
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    # cwd outside both trees: `python -m` puts the cwd first on sys.path, before PYTHONPATH
+    where = subprocess.run([sys.executable, "-c", "import upfeat; print(upfeat.__file__)"],
+                           env=env, cwd=out.parent, check=True, capture_output=True, text=True)
+    if not Path(where.stdout.strip()).is_relative_to(tree):
+        raise SystemExit(f"{tree}: imported upfeat from {where.stdout.strip()} instead")
     load0 = os.getloadavg()[0]
     subprocess.run([sys.executable, "-m", "upfeat", "train", "--data", str(DATA), "--steps",
                     str(steps), "--out", str(out), "--no-progress"], env=env, check=True,
-                   capture_output=True)
+                   capture_output=True, cwd=out.parent)
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     secs = [float(r["sec_per_step"]) for r in rows][5:]
     losses = [round(float(r["loss"]), 2) for r in rows if int(r["step"]) % 10 == 0]
@@ -44,6 +50,7 @@ def main() -> None:
     ap.add_argument("--other", type=Path, required=True, help="source tree of the other version")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_step.md")
     args = ap.parse_args()
     res = {"other": [], "this": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +70,7 @@ def main() -> None:
         lines.append(f"| {r} | {o['s_per_step']:.3f} | {t['s_per_step']:.3f} | "
                      f"{o['s_per_step'] / t['s_per_step']:.2f}x | {o['losses']} | {t['losses']} | "
                      f"{o['load'][0]:.1f}-{t['load'][1]:.1f} |")
-    (ROOT / "benchmarks" / "results" / "train_step.md").write_text("\n".join(lines) + "\n")
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
