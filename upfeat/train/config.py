@@ -101,8 +101,8 @@ class TrainConfig:
     num_nodes: int = opt("Nodes (multi-node DDP; see docs/cli.md, 'Large datasets and clusters').", 1)
     precision: str = opt("32-true, bf16-mixed, 16-mixed.", "32-true")
     backbone_precision: str = opt(
-        "The frozen backbone's (the targets'): auto (bf16-true where the hardware has native "
-        "bfloat16 products, e.g. AVX512-BF16/AMX CPUs, else 32-true), 32-true or bf16-true. "
+        "The frozen backbone's, for the multi-view targets: auto (bf16-true where the hardware "
+        "has native bfloat16 products, e.g. AVX512-BF16/AMX CPUs, else 32-true), 32-true or bf16-true. "
         "bfloat16 features differ ~0.5 % (relative L2).", "auto")
     ckpt_every: int = opt("Steps between checkpoints.", 100)
     log_every: int = opt("Steps between metrics.csv rows.", 1)
