@@ -184,7 +184,10 @@ def test_page_in_chromium(server, browser, data_dir, tmp_path):
 
     drv = browser
     drv.get(server)
-    WebDriverWait(drv, 60).until(lambda d: d.find_elements(By.ID, "run"))
+    # Gradio renders its components one by one: the run button may be there before the upload's
+    # file input (a CI run failed on exactly that), so wait for both
+    WebDriverWait(drv, 60).until(lambda d: d.find_elements(By.ID, "run") and d.find_elements(
+        By.CSS_SELECTOR, "#upload input[type=file]"))
     assert f"longer side is at most {SIDE} px" in drv.find_element(By.ID, "note").text
     drv.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(data_dir / BIRD))
     WebDriverWait(drv, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#upload img"))
@@ -200,6 +203,7 @@ def test_page_in_chromium(server, browser, data_dir, tmp_path):
     notes = tmp_path / "notes.png"
     notes.write_text("not a picture")
     drv.find_element(By.CSS_SELECTOR, "#upload button[aria-label='Remove Image']").click()
+    WebDriverWait(drv, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"))
     drv.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(notes))
     drv.find_element(By.ID, "run").click()
     toast = "[data-testid='toast-body']"
@@ -213,6 +217,7 @@ def test_page_in_chromium(server, browser, data_dir, tmp_path):
     big = tmp_path / "big.png"  # over the upload limit: refused before it reaches the model
     big.write_bytes(bytes(int(1.2 * LIMIT_MB * 1_000_000)))
     drv.find_element(By.CSS_SELECTOR, "#upload button[aria-label='Remove Image']").click()
+    WebDriverWait(drv, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"))
     drv.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(big))
     WebDriverWait(drv, 30).until(lambda d: "exceed the maximum allowed size" in
                                  d.find_element(By.CSS_SELECTOR, "[data-testid='toast-body']").text)
