@@ -280,3 +280,18 @@ def test_agnostic_stack_serves_any_dim_and_stride():
         JBUStack(4, 16).for_backbone(8, 16)
     with pytest.raises(ValueError, match="steps must be"):
         JBUStack(4, 32, steps=3)
+
+
+def test_inference_paths_equal_the_autograd_path(real_image):
+    """Without autograd a JBU layer takes in-place / fused paths (the fixup on its fresh taps,
+    the one-pass softmax): same output as with autograd, on a real photo at the shipped
+    sharpness, batch 2."""
+    torch.manual_seed(0)
+    layer = JBULayer(8, range_kernel="distance", temperature=400.0, sigma=0.5).eval()
+    img = torch.cat([real_image(40, 56), real_image(40, 56, "davis/images/cows/00000.jpg")])
+    feats = torch.nn.functional.avg_pool2d(img.repeat(1, 3, 1, 1)[:, :8], 4)
+    with_grad = layer(feats, img)
+    assert with_grad.requires_grad
+    with torch.inference_mode():
+        fast = layer(feats, img)
+    torch.testing.assert_close(fast, with_grad.detach(), rtol=1e-5, atol=1e-6)

@@ -170,13 +170,20 @@ class JBULayer(nn.Module):
         B, k2, H, W = taps.shape
         w1 = c1.weight.view(c1.out_channels, c1.in_channels)
         x1 = w1[:, k2:] @ guidance.to(taps.dtype).reshape(B, -1, H * W) + c1.bias.view(-1, 1)
-        hid = drop(act(torch.baddbmm(x1, w1[:, :k2].expand(B, -1, -1), taps.reshape(B, k2, H * W))
-                       .view(B, -1, H, W)))
         w2, b2 = c2.weight.view(c2.out_channels, c2.in_channels), c2.bias
         if self.fixup_mode == "zero_sum":
             w2, b2 = w2 - w2.mean(0, keepdim=True), b2 - b2.mean()
-        out = torch.baddbmm(taps.reshape(B, k2, H * W) + 0.1 * b2.view(-1, 1),
-                            (0.1 * w2).expand(B, -1, -1), hid.reshape(B, -1, H * W))
+        t = taps.reshape(B, k2, H * W)
+        if not (torch.is_grad_enabled() or self.training) and isinstance(act, nn.GELU) \
+                and act.approximate == "none":
+            # inference: in place on x1 and the (fresh, unshared) taps, no full-resolution
+            # temporaries (each costs a pass and ~10k freshly faulted pages at 448²)
+            hid = torch.ops.aten.gelu_(x1.baddbmm_(w1[:, :k2].expand(B, -1, -1), t))
+            out = t.baddbmm_((0.1 * w2).expand(B, -1, -1), hid).add_(0.1 * b2.view(-1, 1))
+            return out.view(B, k2, H, W)
+        hid = drop(act(torch.baddbmm(x1, w1[:, :k2].expand(B, -1, -1), t).view(B, -1, H, W)))
+        out = torch.baddbmm(t + 0.1 * b2.view(-1, 1), (0.1 * w2).expand(B, -1, -1),
+                            hid.reshape(B, -1, H * W))
         return out.view(B, k2, H, W)
 
     def forward(self, feats: torch.Tensor, guidance: torch.Tensor,
