@@ -11,9 +11,8 @@ The file is created at full size in a temporary file beside the target (disk spa
 front, so a full disk fails before any tile is computed), filled block by block with ``pwrite``
 (:class:`FeatureWriter`: tiles' blocks are parked in a scratch file and rearranged per band of
 rows, so that the output's pages are written once, not once per neighbouring tile), fsync'ed
-and renamed. Nothing of
-the file is mapped, so the resident memory of a run does not grow with the output: an 18 GB
-output streams to disk through one channel's band at a time.
+and renamed. Nothing of the file is mapped, so the resident memory of a run does not grow with
+the output: an 18 GB output streams to disk through one channel's band at a time.
 """
 from __future__ import annotations
 
@@ -66,14 +65,14 @@ def _npy_header(shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
     return buf.getvalue()
 
 
-def _pwrite(fd: int, view: memoryview, offset: int) -> int:
+def _write_at(fd: int, view: memoryview, offset: int) -> int:
     if hasattr(os, "pwrite"):
         return os.pwrite(fd, view, offset)
     os.lseek(fd, offset, os.SEEK_SET)  # Windows: no positioned I/O; one writer, so seek + write
     return os.write(fd, view)
 
 
-def _pread(fd: int, view: memoryview, offset: int) -> int:
+def _read_at(fd: int, view: memoryview, offset: int) -> int:
     if hasattr(os, "preadv"):
         return os.preadv(fd, [view], offset)
     os.lseek(fd, offset, os.SEEK_SET)
@@ -203,13 +202,13 @@ class FeatureWriter:
     def _pwrite(self, arr: np.ndarray, offset: int, fd: int | None = None) -> None:
         view = memoryview(arr).cast("B")
         while view:  # regular files write all at once; loop in case of a short write
-            n = _pwrite(self._fd if fd is None else fd, view, offset)
+            n = _write_at(self._fd if fd is None else fd, view, offset)
             view, offset = view[n:], offset + n
 
     def _pread(self, arr: np.ndarray, offset: int, fd: int) -> None:
         view = memoryview(arr).cast("B")
         while view:
-            n = _pread(fd, view, offset)
+            n = _read_at(fd, view, offset)
             if n == 0:
                 raise OSError(f"scratch file ends before byte {offset}")
             view, offset = view[n:], offset + n

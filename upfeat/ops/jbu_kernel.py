@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import ShapeError, check_floating, check_shape
-from .adaptive_conv import can_run, cpu, local_dot
+from .adaptive_conv import choose_backend, cpu, local_dot
 from .adaptive_conv.reference import local_dot_reference
 
 
@@ -108,7 +108,8 @@ def jbu_kernel(
     # the others (sum 1): zero them, so neither they nor their products are subnormal.
     tiny = torch.finfo(tm.dtype).tiny ** 0.5
     needs_grad = torch.is_grad_enabled() and (tm.requires_grad or log_s.requires_grad)
-    if not needs_grad and tm.dtype == torch.float32 and tm.is_contiguous() and can_run("cpp", tm.device):
+    if (not needs_grad and tm.dtype == torch.float32 and tm.is_contiguous()
+            and choose_backend(tm.device, backend) == "cpp"):
         cpu.tap_softmax_(tm, log_s.detach(), tiny)  # inference: one pass instead of five
         w = tm
     else:

@@ -156,15 +156,17 @@ class JBULayer(nn.Module):
             return w
         B, H, W, k, _ = w.shape
         taps = w.permute(0, 3, 4, 1, 2).reshape(B, k * k, H, W)  # free: w is tap-major
-        return self.fixup(taps, guidance).view(B, k, k, H, W).permute(0, 3, 4, 1, 2)
+        # taps is ours (a fresh view of jbu_kernel's result): without autograd, fix it in place
+        return self.fixup(taps, guidance, inplace=True).view(B, k, k, H, W).permute(0, 3, 4, 1, 2)
 
-    def fixup(self, taps: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    def fixup(self, taps: torch.Tensor, guidance: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """``taps + 0.1·fix`` (``fix`` centred over the taps for ``"zero_sum"``), (B, k*k, H, W).
 
         ``fix = conv2(drop(gelu(conv1([taps, guidance]))))`` computed without the concatenation
         (conv1 split by input) and with the centring, the 0.1 and the final add folded into
         conv2's weights (``fix - mean_t fix = (W2 - mean_t W2)·h + (b2 - mean b2)``): two
         matmuls and one bias pass over the full-resolution taps instead of seven passes.
+        ``inplace``: without autograd (eval, no grad), overwrite ``taps`` with the result.
         """
         c1, act, drop, c2 = self.kernel_fixup
         B, k2, H, W = taps.shape
@@ -174,10 +176,10 @@ class JBULayer(nn.Module):
         if self.fixup_mode == "zero_sum":
             w2, b2 = w2 - w2.mean(0, keepdim=True), b2 - b2.mean()
         t = taps.reshape(B, k2, H * W)
-        if not (torch.is_grad_enabled() or self.training) and isinstance(act, nn.GELU) \
-                and act.approximate == "none":
-            # inference: in place on x1 and the (fresh, unshared) taps, no full-resolution
-            # temporaries (each costs a pass and ~10k freshly faulted pages at 448²)
+        if inplace and not (torch.is_grad_enabled() or self.training) \
+                and isinstance(act, nn.GELU) and act.approximate == "none":
+            # inference: in place on x1 and on taps (the caller's, with inplace=True), no
+            # full-resolution temporaries (each costs a pass and ~10k freshly faulted pages at 448²)
             hid = torch.ops.aten.gelu_(x1.baddbmm_(w1[:, :k2].expand(B, -1, -1), t))
             out = t.baddbmm_((0.1 * w2).expand(B, -1, -1), hid).add_(0.1 * b2.view(-1, 1))
             return out.view(B, k2, H, W)

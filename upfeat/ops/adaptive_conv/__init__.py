@@ -122,18 +122,17 @@ def adaptive_conv(feat: torch.Tensor, weights: torch.Tensor, backend: str | None
         _check_out(out, feat, weights, (B, f["C"], H, W))
     dtype = feat.dtype
     feat, weights = feat.to(_compute_dtype(dtype)), weights.to(_compute_dtype(dtype))
-    if out is not None and name == "cpp" and out.dtype == feat.dtype and _blocks_contiguous(out):
-        tap = weights.permute(0, 3, 4, 1, 2).is_contiguous() and not weights.is_contiguous()
-        wv = weights.permute(0, 3, 4, 1, 2).reshape(B, k * k, H, W) if tap else weights.reshape(B, H, W, k * k)
-        cpu.fwd_into(feat.contiguous(), wv.contiguous(), k, tap, out)
-        return out
-    if out is not None:
+    direct = out is not None and name == "cpp" and out.dtype == feat.dtype and _blocks_contiguous(out)
+    if out is not None and not direct:
         return out.copy_(adaptive_conv(feat, weights, backend=name))
     if name == "cpp":
         # The kernel reads weights pixel-major (B,H,W,k*k) or tap-major (B,k*k,H,W, what
         # jbu_kernel returns as a permuted view): pass whichever we have, as a free view.
         tap = weights.permute(0, 3, 4, 1, 2).is_contiguous() and not weights.is_contiguous()
         wv = weights.permute(0, 3, 4, 1, 2).reshape(B, k * k, H, W) if tap else weights.reshape(B, H, W, k * k)
+        if direct:
+            cpu.fwd_into(feat.contiguous(), wv.contiguous(), k, tap, out)
+            return out
         out = cpu.Fwd.apply(feat.contiguous(), wv.contiguous(), k, tap)
     elif name == "compiled":
         out = compiled("adaptive_conv")(feat, weights)
