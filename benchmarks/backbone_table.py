@@ -9,6 +9,10 @@ Reads ``benchmarks/results/eval_table.json`` (``vits14_focus``) and
 ``benchmarks/results/<backbone>/eval_table.json``; one row per backbone and upsampler with CamVid
 val mIoU and DAVIS val fg IoU (full image and boundary d = 3), and the gain of each learned row
 over bilinear. Exit code 1 if a shared-JBU row does not beat bilinear on both datasets.
+
+``--davis-from davis_all``: the DAVIS columns from ``benchmarks/results/davis_all/<backbone>/``
+instead (runs on every frame, ``--datasets davis --davis-train 95 --davis-eval 99``; the CNNs'
+default-folder runs used fewer frames to fit a session).
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbones", default=",".join(BACKBONES))
     p.add_argument("--out", type=Path, default=RESULTS / "backbone_table.md")
+    p.add_argument("--davis-from", default=None,
+                   help="folder under benchmarks/results with <backbone>/eval_table.json DAVIS runs")
     args = p.parse_args()
     head = ("| backbone | upsampler | CamVid mIoU | CamVid boundary mIoU d=3 | DAVIS fg IoU | "
             "DAVIS boundary fg IoU d=3 |")
@@ -48,6 +54,18 @@ def main() -> int:
             print(f"missing {path}: run benchmarks/eval_table.py --backbone {name} first", file=sys.stderr)
             return 2
         rows, meta = scores(path)
+        if args.davis_from:
+            other = RESULTS / args.davis_from / name / "eval_table.json"
+            if not other.is_file():
+                print(f"missing {other}: run benchmarks/eval_table.py --backbone {name} --datasets "
+                      f"davis --out {other.parent} first", file=sys.stderr)
+                return 2
+            drows, dmeta = scores(other)
+            for label in [*rows, *(lb for lb in drows if lb not in rows)]:  # DAVIS: the other run
+                kept = {k: v for k, v in rows.get(label, {}).items() if not k.startswith("davis.")}
+                rows[label] = {**kept, **{k: v for k, v in drows.get(label, {}).items()
+                                          if k.startswith("davis.")}}
+            meta["davis"] = dmeta.get("davis", {})
         setups.append(f"`{name}`: " + "; ".join(
             f"{ds} {m.get('train images')} train / {m.get('eval images')} eval images"
             for ds, m in meta.items()))
