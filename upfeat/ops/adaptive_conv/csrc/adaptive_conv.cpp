@@ -273,9 +273,17 @@ void hwk_to_tap(const T* src, T* dst, int B, int H, int W, int K2, int64_t ld) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, i = r % H;
       const T* s = src + r * W * K2;
-      for (int t = 0; t < K2; ++t) {
-        T* d = dst + ((b * K2 + t) * H + i) * ld;
-        for (int j = 0; j < W; ++j) d[j] = s[(int64_t)j * K2 + t];
+      T* d0 = dst + (b * K2 * H + i) * ld;
+      // 16-pixel column blocks: the source block (16 x K2) stays in L1 across the K2 passes,
+      // and each pass writes whole destination cache lines (the unblocked loop ran each pass
+      // over the whole row, W x K2 values, which does not fit L1 alongside the writes).
+      for (int j0 = 0; j0 < W; j0 += 16) {
+        const int jn = std::min(16, W - j0);
+        const T* sb = s + (int64_t)j0 * K2;
+        for (int t = 0; t < K2; ++t) {
+          T* d = d0 + (int64_t)t * H * ld + j0;
+          for (int j = 0; j < jn; ++j) d[j] = sb[(int64_t)j * K2 + t];
+        }
       }
     }
   });
@@ -572,9 +580,14 @@ void tap_to_hwk(const T* src, T* dst, int B, int H, int W, int K2) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, i = r % H;
       T* d = dst + r * W * K2;
-      for (int t = 0; t < K2; ++t) {
-        const T* s = src + ((b * K2 + t) * H + i) * W;
-        for (int j = 0; j < W; ++j) d[(int64_t)j * K2 + t] = s[j];
+      const T* s0 = src + (b * K2 * H + i) * W;
+      for (int j0 = 0; j0 < W; j0 += 16) {  // column blocks, as in hwk_to_tap
+        const int jn = std::min(16, W - j0);
+        T* db = d + (int64_t)j0 * K2;
+        for (int t = 0; t < K2; ++t) {
+          const T* sr = s0 + (int64_t)t * H * W + j0;
+          for (int j = 0; j < jn; ++j) db[(int64_t)j * K2 + t] = sr[j];
+        }
       }
     }
   });
