@@ -631,6 +631,19 @@ void acv_fwd_into(const at::Tensor& feat, const at::Tensor& w, int64_t k, bool t
   });
 }
 
+// pixel-major (B,H,W,k*k) -> tap-major (B,k*k,H,W), the layout every kernel reads (so an
+// autograd caller converts once and hands the copy to both the forward and tr).
+at::Tensor acv_to_tap(const at::Tensor& w, int64_t k) {
+  check_inputs(w, "weights");
+  TORCH_CHECK(w.dim() == 4 && w.size(3) == k * k, "weights must be (B, H, W, k*k), got ", w.sizes());
+  const int B = w.size(0), H = w.size(1), W = w.size(2);
+  auto out = pooled_empty({B, k * k, H, W}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "acv_to_tap", [&] {
+    hwk_to_tap<scalar_t>(w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, H, W, k * k, W);
+  });
+  return out;
+}
+
 // feat (B,C,Hp,Wp), w -> (B,C,H,W)
 at::Tensor acv_fwd(const at::Tensor& feat, const at::Tensor& w, int64_t k, bool tap_major) {
   TORCH_CHECK(feat.dim() == 4 && w.dim() == 4, "feat and weights must be 4-D, got ", feat.sizes(),
@@ -684,6 +697,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &acv_fwd, "adaptive conv forward");
   m.def("fwd_into", &acv_fwd_into, "adaptive conv forward into a given output");
   m.def("tap_softmax_", &tap_softmax_, "in-place softmax over taps of tap-major JBU logits");
+  m.def("to_tap", &acv_to_tap, "pixel-major weights to tap-major");
   m.def("tr", &acv_tr, "adjoint of the forward w.r.t. feat");
   m.def("corr", &acv_corr, "local correlation (adjoint w.r.t. weights)");
   m.def("band_matmul", &band_matmul, "ah @ x @ aw^T for banded ah, aw (separable resize)");
