@@ -496,7 +496,9 @@ void corr_impl(const T* a, const T* p, T* o, int B, int C, int H, int W, int k) 
   const int64_t HW = (int64_t)H * W, HWp = (int64_t)Hp * Wp;
   // The channel sum is split in blocks of CC so that the rows of a task (a: IT rows, p: IT+k-1
   // rows, CC channels each) stay in L2 while every output row of the task is visited.
-  const int IT = 6, CC = 64;
+  // CC = 96 (~1.5 MB of rows, so only partly in a 1 MB L2) measured 1-3 % faster than 64 (fewer
+  // passes over the task's output rows); IT = 9, CC = 48 was no faster.
+  const int IT = 6, CC = 96;
   const int nit = (H + IT - 1) / IT;
   at::parallel_for(0, (int64_t)B * nit, 1, [&](int64_t begin, int64_t end) {
     upfeat_simd::FlushDenormals ftz;
