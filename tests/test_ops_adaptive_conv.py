@@ -283,6 +283,20 @@ def test_raw_cpp_ops_accept_consistent_shapes():
     assert torch.ops.upfeat.acv_corr(out, feat, 3, False).shape == (2, 5, 6, 9)
 
 
+@pytest.mark.parametrize("W", [5, 16, 37])  # the transpose's 16-pixel blocks: partial, whole, both
+def test_raw_to_tap_is_the_permute(W):
+    if not can_run("cpp", torch.device("cpu")):
+        pytest.skip("C++ kernel unavailable")
+    w = torch.randn(2, 3, W, 9)
+    assert torch.equal(torch.ops.upfeat.acv_to_tap(w, 3), w.permute(0, 3, 1, 2))
+    tm = torch.randn(2, 3, 4, W)  # corr's tap-major result back to pixel-major (tap_to_hwk)
+    p = torch.randn(2, 3, 4 + 2, W + 2)
+    torch.testing.assert_close(torch.ops.upfeat.acv_corr(tm, p, 3, False),
+                               torch.ops.upfeat.acv_corr(tm, p, 3, True).permute(0, 2, 3, 1), rtol=0, atol=0)
+    with pytest.raises(RuntimeError):
+        torch.ops.upfeat.acv_to_tap(w, 5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["compiled", "shift"])

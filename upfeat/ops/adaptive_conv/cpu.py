@@ -170,6 +170,16 @@ def tap_softmax_(logits: torch.Tensor, log_s: torch.Tensor, threshold: float) ->
     load_extension().tap_softmax_(logits, log_s, threshold)
 
 
+@torch.library.custom_op("upfeat::acv_to_tap", mutates_args=(), device_types="cpu")
+def _to_tap(w: torch.Tensor, k: int) -> torch.Tensor:
+    return load_extension().to_tap(w, k)
+
+
+@_to_tap.register_fake
+def _(w, k):
+    return w.new_empty(w.shape[0], k * k, w.shape[1], w.shape[2])
+
+
 @torch.library.custom_op("upfeat::acv_tr", mutates_args=(), device_types="cpu")
 def _tr(g: torch.Tensor, w: torch.Tensor, k: int, tap: bool) -> torch.Tensor:
     return load_extension().tr(g, w, k, tap)
@@ -196,15 +206,23 @@ class Fwd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feat, w, k, tap):
-        ctx.save_for_backward(feat, w)
         ctx.k, ctx.tap = k, tap
-        return _fwd(feat, w, k, tap)
+        if tap or not ctx.needs_input_grad[0]:
+            ctx.save_for_backward(feat, w, None)
+            return _fwd(feat, w, k, tap)
+        # Pixel-major weights and tr will be needed: convert once, for this forward and for the
+        # first-order backward's tr (which would otherwise convert the same weights again).
+        wt = _to_tap(w, k)
+        ctx.save_for_backward(feat, w, wt)
+        return _fwd(feat, wt, k, True)
 
     @staticmethod
     def backward(ctx, go):
-        feat, w = ctx.saved_tensors
+        feat, w, wt = ctx.saved_tensors
         go = go.contiguous()
-        gf = Tr.apply(go, w, ctx.k, ctx.tap) if ctx.needs_input_grad[0] else None
+        # The tap-major copy is a constant to autograd: only without create_graph may tr use it.
+        tr_w, tr_tap = (wt, True) if wt is not None and not torch.is_grad_enabled() else (w, ctx.tap)
+        gf = Tr.apply(go, tr_w, ctx.k, tr_tap) if ctx.needs_input_grad[0] else None
         gw = Corr.apply(go, feat, ctx.k, ctx.tap) if ctx.needs_input_grad[1] else None
         return gf, gw, None, None
 

@@ -8,7 +8,9 @@
 // Nothing of size C*k*k*H*W is ever materialised: each kernel keeps a tile of outputs in vector
 // registers (GCC/Clang vector extensions, 64-byte vectors -> AVX-512 when -march=native has it)
 // and streams the inputs once per tap. Edge tiles are copied into small zero-padded local buffers
-// so one register kernel serves both interior and borders.
+// so one register kernel serves both interior and borders. At 224² and more the inputs come from
+// L3 or memory with strides the hardware prefetchers do not follow (channels H*W apart): each
+// kernel prefetches the next block's rows while it computes (1.5x for fwd and corr).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,6 +26,9 @@
 #include <type_traits>
 
 #include "simd.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -31,11 +36,6 @@ using upfeat_simd::Vec;
 using upfeat_simd::vload;
 using upfeat_simd::vstore;
 
-constexpr int NV = 2;   // vectors per tile row (32 floats / 16 doubles)
-constexpr int CB = 8;   // channels per register tile (fwd, tr)
-constexpr int RB = 2;   // output rows per register tile (fwd)
-constexpr int CBF = 4;  // channels per register tile of the 2-row forward band
-constexpr int CB2 = 4;  // channels per register tile of the 2-row tr band
 
 // Large fresh outputs are expensive here: the kernel zeroes every new page on first touch
 // (~12 ms for the 77 MB output at 224², 40% of the forward). Big outputs therefore come from a
@@ -94,199 +94,174 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   return at::from_blob(p, sizes, [bytes](void* q) { Pool::get().give(q, bytes); }, opt);
 }
 
-// R output rows at once: a feat row s feeds output row r through tap row u = s - r, so each feat
-// vector load serves R FMAs (and each weight vector C_B). Pairs (r, s) with u outside [0, k)
-// multiply a zero vector: simpler than trimming the loop, and only (R-1)/(R+k-1) of the work.
+// A store that bypasses the caches (p 64-byte aligned): for outputs written once and not read
+// back soon, it saves reading each line in before it is overwritten.
+template <typename T, typename V>
+inline void vstream(T* p, const V& v) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && std::is_same_v<T, float>) { _mm512_stream_ps(p, (__m512)v); return; }
+  if constexpr (sizeof(V) == 64 && std::is_same_v<T, double>) { _mm512_stream_pd(p, (__m512d)v); return; }
+#endif
+  vstore(p, v);
+}
+
+// Lanes [lo, hi) of the vector at p (only those are read), zeros elsewhere; 0 <= lo, hi <= L.
+template <typename T>
+inline typename Vec<T>::type vload_part(const T* p, int lo, int hi) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  if (lo >= hi) return V{};
+  if (lo == 0 && hi == L) return vload<V>(p);
+#if defined(__AVX512F__)
+  const unsigned m = ((1u << hi) - 1) & ~((1u << lo) - 1);
+  if constexpr (std::is_same_v<T, float>) return (V)_mm512_maskz_loadu_ps((__mmask16)m, p);
+  if constexpr (std::is_same_v<T, double>) return (V)_mm512_maskz_loadu_pd((__mmask8)m, p);
+#endif
+  T tmp[L] = {};
+  std::memcpy(tmp + lo, p + lo, sizeof(T) * (hi - lo));
+  return vload<V>(tmp);
+}
+
+// dst[n] = src[n] for n in [lo, hi), 0 for the other n in [0, len); len a multiple of L.
+template <typename T>
+inline void copy_part(T* dst, const T* src, int lo, int hi, int len) {
+  constexpr int L = Vec<T>::L;
+  for (int n = 0; n < len; n += L)
+    vstore(dst + n, vload_part(src + n, std::max(lo - n, 0), std::min(std::max(hi - n, 0), L)));
+}
+
+// f(std::integral_constant<int, I>{}) for the one I < N equal to idx.
+template <int N, typename F>
+inline __attribute__((always_inline)) void dispatch(int idx, F&& f) {
+  if constexpr (N > 0) {
+    if (idx == N - 1) f(std::integral_constant<int, N - 1>{});
+    else dispatch<N - 1>(idx, f);
+  }
+}
+
+// R output rows x C_B channels x one vector (L columns): R*C_B accumulators (24 of the 32
+// registers for 4 x 6), so each feat vector load feeds up to R FMAs and each weight vector C_B:
+// (R + C_B) loads per R*C_B FMAs (the previous 2-row x 4-channel x 2-vector tile: 6 per 8). Feat row
+// s feeds output row r through tap row u = s - r, for r in [max(0, s-k+1), min(R-1, s)]: that
+// range is a compile-time constant of each step (dispatch), so no FMA multiplies a zero weight.
+// w: packed weights, tap t of row r at w + t*wt + r*L.
 template <typename T, int C_B, int R>
-inline void fwd_band(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt, int64_t wr,
-                     int k, T* o, int64_t oc, int64_t orow, int nvalid) {
+inline void fwd_tile(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt, int k, T* o,
+                     int64_t oc, int64_t orow, int nvalid, const T* fnext = nullptr, bool stream = false,
+                     int64_t nfc = 0, int64_t nfr = 0) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::L;
-  V acc[R][C_B][NV];
+  V acc[R][C_B];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C_B; ++c)
-      for (int n = 0; n < NV; ++n) acc[r][c][n] = V{};
+    for (int c = 0; c < C_B; ++c) acc[r][c] = V{};
+  // fnext: the next call's features, prefetched one row behind this call's (rows at a distance
+  // of a multiple of 4 KB share an L1 set: the lag leaves this call's current row alone)
+  constexpr int LAG = 1;
+  if (nfc == 0) nfc = fc, nfr = fr;  // (default: fnext laid out like f)
   for (int s = 0; s < R + k - 1; ++s) {
-    for (int v = 0; v < k; ++v) {
-      V wv[R][NV];
-      for (int r = 0; r < R; ++r) {
-        const int u = s - r;
-        const bool ok = u >= 0 && u < k;
-        const T* wp = w + (int64_t)((ok ? u : 0) * k + v) * wt + r * wr;
-        for (int n = 0; n < NV; ++n) wv[r][n] = ok ? vload<V>(wp + n * L) : V{};
+    const int rlo = std::max(0, s - k + 1), rhi = std::min(R - 1, s);
+    if (fnext && s >= LAG)
+      for (int c = 0; c < C_B; ++c) {
+        __builtin_prefetch(fnext + c * nfc + (s - LAG) * nfr);
+        __builtin_prefetch(fnext + c * nfc + (s - LAG) * nfr + L + k - 2);
       }
-      const T* fp = f + s * fr + v;
-      for (int c = 0; c < C_B; ++c)
-        for (int n = 0; n < NV; ++n) {
-          V fv = vload<V>(fp + c * fc + n * L);
-          // One load per vector: without this GCC folds the load into each row's FMA (R loads,
-          // each split over two cache lines at v > 0), which the load ports cannot sustain.
-          if constexpr (R > 1) asm("" : "+v"(fv));
-          for (int r = 0; r < R; ++r) acc[r][c][n] += fv * wv[r][n];
+    dispatch<R * R>(rlo * R + rhi, [&](auto id) __attribute__((always_inline)) {
+      constexpr int RLO = decltype(id)::value / R, RHI = decltype(id)::value % R;
+      if constexpr (RLO <= RHI) {
+        const T* fp = f + s * fr;
+        for (int v = 0; v < k; ++v) {
+          V wv[R];
+          for (int r = RLO; r <= RHI; ++r) wv[r] = vload<V>(w + ((int64_t)(s - r) * k + v) * wt + r * L);
+          for (int c = 0; c < C_B; ++c) {
+            V fv = vload<V>(fp + c * fc + v);
+            // One load per vector: without this GCC folds the load into each row's FMA (R loads,
+            // most split over two cache lines), which the load ports cannot sustain.
+            if constexpr (RHI > RLO) asm("" : "+v"(fv));
+            for (int r = RLO; r <= RHI; ++r) acc[r][c] += fv * wv[r];
+          }
         }
-    }
+      }
+    });
   }
+  if (fnext)
+    for (int s = std::max(0, R + k - 1 - LAG); s < R + k - 1; ++s)
+      for (int c = 0; c < C_B; ++c) {
+        __builtin_prefetch(fnext + c * nfc + s * nfr);
+        __builtin_prefetch(fnext + c * nfc + s * nfr + L + k - 2);
+      }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C_B; ++c) {
       T* op = o + c * oc + r * orow;
-      if (nvalid == NV * L) {
-        for (int n = 0; n < NV; ++n) vstore(op + n * L, acc[r][c][n]);
+      if (nvalid == L) {
+        if (stream && ((uintptr_t)op & 63) == 0) vstream(op, acc[r][c]); else
+        vstore(op, acc[r][c]);
       } else {
-        T tmp[NV * L];
-        for (int n = 0; n < NV; ++n) vstore(tmp + n * L, acc[r][c][n]);
+        T tmp[L];
+        vstore(tmp, acc[r][c]);
         std::memcpy(op, tmp, sizeof(T) * nvalid);
       }
     }
 }
 
-// g rows: rows[u] + c*gc ; weights: w + t*wt + u*wu ; both read at column (col - v + n*L).
-template <typename T, int C_B>
-inline void tr_tile(const T* const* rows, int64_t gc, const T* w, int64_t wt, int64_t wu, int col,
-                    int k, int ulo, int uhi, T* o, int64_t oc, int nvalid) {
+// corr, R output rows x V_B taps (v0 .. v0+V_B-1 of one tap row each) x one vector of columns:
+// feat row s feeds row r through tap row u = s - r (r in a compile-time range per s, as in
+// fwd_tile), so each p vector load serves up to R FMAs and each a vector V_B: (R + V_B) loads
+// per R*V_B FMAs (10 per 21 for 3 x 7, against 9 per 14 for the previous 2 x 7).
+// al: the tile's a, packed (channel c, row r at al + c*as + r*L); p: feat row 0, column v0 of
+// channel 0 (channel c, row s at p + c*pc + s*pr); o: output row 0, tap (0, v0) (tap t at
+// o + t*ot, row r at + r*orow). accumulate: add to o instead of overwriting it.
+template <typename T, int R, int V_B>
+inline void corr_tile(const T* al, int64_t as, const T* p, int64_t pc, int64_t pr, int C, int k, T* o,
+                      int64_t ot, int64_t orow, int nvalid, bool accumulate) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::L;
-  V acc[C_B][NV];
-  for (int c = 0; c < C_B; ++c)
-    for (int n = 0; n < NV; ++n) acc[c][n] = V{};
-  for (int u = ulo; u < uhi; ++u) {
-    const T* gp0 = rows[u] + col;
-    for (int v = 0; v < k; ++v) {
-      const T* wp = w + (int64_t)(u * k + v) * wt + u * wu + col - v;
-      V wv[NV];
-      for (int n = 0; n < NV; ++n) wv[n] = vload<V>(wp + n * L);
-      const T* gp = gp0 - v;
-      for (int c = 0; c < C_B; ++c)
-        for (int n = 0; n < NV; ++n) acc[c][n] += vload<V>(gp + c * gc + n * L) * wv[n];
-    }
-  }
-  for (int c = 0; c < C_B; ++c) {
-    if (nvalid == NV * L) {
-      for (int n = 0; n < NV; ++n) vstore(o + c * oc + n * L, acc[c][n]);
-    } else {
-      T tmp[NV * L];
-      for (int n = 0; n < NV; ++n) vstore(tmp + n * L, acc[c][n]);
-      std::memcpy(o + c * oc, tmp, sizeof(T) * nvalid);
-    }
+  for (int s = 0; s < R + k - 1; ++s) {
+    const int rlo = std::max(0, s - k + 1), rhi = std::min(R - 1, s);
+    dispatch<R * R>(rlo * R + rhi, [&](auto id) __attribute__((always_inline)) {
+      constexpr int RLO = decltype(id)::value / R, RHI = decltype(id)::value % R;
+      if constexpr (RLO <= RHI) {
+        V acc[R][V_B];
+        for (int r = RLO; r <= RHI; ++r)
+          for (int v = 0; v < V_B; ++v)
+            acc[r][v] = accumulate ? vload_part(o + (int64_t)(s - r) * k * ot + v * ot + r * orow, 0, nvalid) : V{};
+        const T* pp = p + s * pr;
+        constexpr int PD = 6;  // channels ahead: p rows come from L2 or farther, strided
+        for (int c = 0; c < C; ++c) {
+          if (c + PD < C) {
+            __builtin_prefetch(pp + (c + PD) * pc);
+            __builtin_prefetch(pp + (c + PD) * pc + L + V_B - 2);
+          }
+          V x[R];
+          for (int r = RLO; r <= RHI; ++r) x[r] = vload<V>(al + c * as + r * L);
+          for (int v = 0; v < V_B; ++v) {
+            V pv = vload<V>(pp + c * pc + v);
+            if constexpr (RHI > RLO) asm("" : "+v"(pv));  // one load for all rows (see fwd_tile)
+            for (int r = RLO; r <= RHI; ++r) acc[r][v] += x[r] * pv;
+          }
+        }
+        for (int r = RLO; r <= RHI; ++r)
+          for (int v = 0; v < V_B; ++v) {
+            T* op = o + (int64_t)(s - r) * k * ot + v * ot + r * orow;
+            if (nvalid == L) {
+              vstore(op, acc[r][v]);
+            } else {
+              T tmp[L];
+              vstore(tmp, acc[r][v]);
+              std::memcpy(op, tmp, sizeof(T) * nvalid);
+            }
+          }
+      }
+    });
   }
 }
 
-// tr, two output rows at once: input row i = y+1-s feeds row y+1 through tap row u = s and row y
-// through u = s-1, so each g vector load serves both rows (k+1 row loads per 2k row-taps instead
-// of 2k). rows[s]: input row i (channel 0; channel c at + c*gc), for s in [slo, shi]; w: weights
-// at row y+1 (tap t, row y+1-s at w + t*wt - s*wu), read like tr_tile's. NV_ vectors per row:
-// 1 for a narrow last tile (the k-1 columns a padded row has past a multiple of the tile).
-template <typename T, int C_B, int NV_>
-inline void tr2_tile(const T* const* rows, int64_t gc, const T* w, int64_t wt, int64_t wu, int col,
-                     int k, int slo, int shi, T* o, int64_t oc, int64_t orow, int nvalid) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::L;
-  V acc[2][C_B][NV_];
-  for (int r = 0; r < 2; ++r)
-    for (int c = 0; c < C_B; ++c)
-      for (int n = 0; n < NV_; ++n) acc[r][c][n] = V{};
-  auto step = [&](auto r0, auto r1, int s) __attribute__((always_inline)) {
-    constexpr bool R0 = decltype(r0)::value, R1 = decltype(r1)::value;
-    const T* gp0 = rows[s] + col;
-    const T* wrow = w - s * wu + col;
-    for (int v = 0; v < k; ++v) {
-      V w0[NV_], w1[NV_];
-      for (int n = 0; n < NV_; ++n) {
-        if constexpr (R0) w0[n] = vload<V>(wrow + (int64_t)((s - 1) * k + v) * wt - v + n * L);
-        if constexpr (R1) w1[n] = vload<V>(wrow + (int64_t)(s * k + v) * wt - v + n * L);
-      }
-      const T* gp = gp0 - v;
-      for (int c = 0; c < C_B; ++c)
-        for (int n = 0; n < NV_; ++n) {
-          const V gv = vload<V>(gp + c * gc + n * L);  // (a register copy here measured 8 % slower)
-          if constexpr (R0) acc[0][c][n] += gv * w0[n];
-          if constexpr (R1) acc[1][c][n] += gv * w1[n];
-        }
-    }
-  };
-  for (int s = slo; s <= shi; ++s) {
-    if (s == 0) step(std::false_type{}, std::true_type{}, s);
-    else if (s == k) step(std::true_type{}, std::false_type{}, s);
-    else step(std::true_type{}, std::true_type{}, s);
-  }
-  for (int r = 0; r < 2; ++r)
-    for (int c = 0; c < C_B; ++c) {
-      T* op = o + c * oc + r * orow;
-      if (nvalid == NV_ * L) {
-        for (int n = 0; n < NV_; ++n) vstore(op + n * L, acc[r][c][n]);
-      } else {
-        T tmp[NV_ * L];
-        for (int n = 0; n < NV_; ++n) vstore(tmp + n * L, acc[r][c][n]);
-        std::memcpy(op, tmp, sizeof(T) * nvalid);
-      }
-    }
-}
-
-// corr, two output rows at once: acc[r][v] = sum_c a[c][row r] * p[c][v + ...] (one vector of
-// columns at a time). Feat row s feeds row 0 through tap row u = s and row 1 through u = s-1,
-// so each p vector load serves both rows (9 loads per 14 FMAs instead of 16 per 14). One vector
-// (L columns) per step of the half loop keeps 2 x V_B accumulators + 2 + 1 in the 32 registers.
-// R0 / R1: whether row 0 / row 1 has a tap row at this s (false at the two ends).
-template <typename T, int V_B, bool R0, bool R1>
-inline void corr2_tile(const T* a0, const T* a1, int64_t ac, const T* p, int64_t pc, int C,
-                       T* o0, T* o1, int64_t ot, int nvalid, bool accumulate) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::L;
-  for (int n = 0; n < NV; ++n) {
-    const int nv = std::min(L, nvalid - n * L);  // valid columns of this vector
-    if (nv <= 0) break;
-    V acc[2][V_B];
-    T* const os[2] = {o0, o1};
-    for (int r = 0; r < 2; ++r) {
-      if ((r == 0 && !R0) || (r == 1 && !R1)) continue;
-      for (int v = 0; v < V_B; ++v) {
-        if (!accumulate) {
-          acc[r][v] = V{};
-        } else if (nv == L) {
-          acc[r][v] = vload<V>(os[r] + v * ot + n * L);
-        } else {
-          T tmp[L] = {};
-          std::memcpy(tmp, os[r] + v * ot + n * L, sizeof(T) * nv);
-          acc[r][v] = vload<V>(tmp);
-        }
-      }
-    }
-    for (int c = 0; c < C; ++c) {
-      const T* pp = p + c * pc + n * L;
-      V x0, x1;
-      if constexpr (R0) x0 = vload<V>(a0 + c * ac + n * L);
-      if constexpr (R1) x1 = vload<V>(a1 + c * ac + n * L);
-      for (int v = 0; v < V_B; ++v) {
-        V pv = vload<V>(pp + v);
-        if constexpr (R0 && R1) asm("" : "+v"(pv));  // one load for both rows (see fwd_band)
-        if constexpr (R0) acc[0][v] += x0 * pv;
-        if constexpr (R1) acc[1][v] += x1 * pv;
-      }
-    }
-    for (int r = 0; r < 2; ++r) {
-      if ((r == 0 && !R0) || (r == 1 && !R1)) continue;
-      for (int v = 0; v < V_B; ++v) {
-        if (nv == L) {
-          vstore(os[r] + v * ot + n * L, acc[r][v]);
-        } else {
-          T tmp[L];
-          vstore(tmp, acc[r][v]);
-          std::memcpy(os[r] + v * ot + n * L, tmp, sizeof(T) * nv);
-        }
-      }
-    }
-  }
-}
-
-template <typename T, bool R0, bool R1>
-void corr2_taps(const T* a0, const T* a1, int64_t ac, const T* p, int64_t pc, int C, T* o0, T* o1,
-                int64_t ot, int k, int nvalid, bool acc) {
+template <typename T, int R>
+void corr_taps(const T* al, int64_t as, const T* p, int64_t pc, int64_t pr, int C, int k, T* o,
+               int64_t ot, int64_t orow, int nvalid, bool acc) {
   int v0 = 0;
-  for (; v0 + 7 <= k; v0 += 7)
-    corr2_tile<T, 7, R0, R1>(a0, a1, ac, p + v0, pc, C, o0 + v0 * ot, o1 + v0 * ot, ot, nvalid, acc);
-  for (; v0 + 3 <= k; v0 += 3)
-    corr2_tile<T, 3, R0, R1>(a0, a1, ac, p + v0, pc, C, o0 + v0 * ot, o1 + v0 * ot, ot, nvalid, acc);
-  for (; v0 < k; ++v0)
-    corr2_tile<T, 1, R0, R1>(a0, a1, ac, p + v0, pc, C, o0 + v0 * ot, o1 + v0 * ot, ot, nvalid, acc);
+  for (; v0 + 7 <= k; v0 += 7) corr_tile<T, R, 7>(al, as, p + v0, pc, pr, C, k, o + v0 * ot, ot, orow, nvalid, acc);
+  for (; v0 + 3 <= k; v0 += 3) corr_tile<T, R, 3>(al, as, p + v0, pc, pr, C, k, o + v0 * ot, ot, orow, nvalid, acc);
+  for (; v0 < k; ++v0) corr_tile<T, R, 1>(al, as, p + v0, pc, pr, C, k, o + v0 * ot, ot, orow, nvalid, acc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -298,9 +273,17 @@ void hwk_to_tap(const T* src, T* dst, int B, int H, int W, int K2, int64_t ld) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, i = r % H;
       const T* s = src + r * W * K2;
-      for (int t = 0; t < K2; ++t) {
-        T* d = dst + ((b * K2 + t) * H + i) * ld;
-        for (int j = 0; j < W; ++j) d[j] = s[(int64_t)j * K2 + t];
+      T* d0 = dst + (b * K2 * H + i) * ld;
+      // 16-pixel column blocks: the source block (16 x K2) stays in L1 across the K2 passes,
+      // and each pass writes whole destination cache lines (the unblocked loop ran each pass
+      // over the whole row, W x K2 values, which does not fit L1 alongside the writes).
+      for (int j0 = 0; j0 < W; j0 += 16) {
+        const int jn = std::min(16, W - j0);
+        const T* sb = s + (int64_t)j0 * K2;
+        for (int t = 0; t < K2; ++t) {
+          T* d = d0 + (int64_t)t * H * ld + j0;
+          for (int j = 0; j < jn; ++j) d[j] = sb[(int64_t)j * K2 + t];
+        }
       }
     }
   });
@@ -308,53 +291,87 @@ void hwk_to_tap(const T* src, T* dst, int B, int H, int W, int K2, int64_t ld) {
 
 template <typename T>
 void fwd_impl(const T* feat, const T* w, T* out, int64_t osb, int B, int C, int H, int W, int k) {
-  constexpr int L = Vec<T>::L, JB = NV * L;
+  constexpr int L = Vec<T>::L;
+  constexpr int FR = 4, FC = 6;  // rows, channels of fwd_tile's register tile
   const int Hp = H + k - 1, Wp = W + k - 1, K2 = k * k;
   const int64_t HW = (int64_t)H * W, HWp = (int64_t)Hp * Wp;
   const int IT = 16;  // rows per task
-  const int CG = 64;  // channels per task
+  const int CG = 96;  // channels per task
+  // outputs much larger than the caches are streamed past them (vstream)
+  const bool stream = (int64_t)B * C * HW * sizeof(T) > (int64_t(32) << 20);
   const int nit = (H + IT - 1) / IT, ncg = (C + CG - 1) / CG;
   at::parallel_for(0, (int64_t)B * nit * ncg, 1, [&](int64_t begin, int64_t end) {
     upfeat_simd::FlushDenormals ftz;
-    std::vector<T> fl((size_t)CBF * (RB + k - 1) * (JB + k - 1)), wl((size_t)K2 * RB * JB);
+    const int span = (L + k - 1 + L - 1) / L * L;  // a border tile's local feature rows
+    std::vector<T> fl((size_t)FC * (FR + k - 1) * span, T(0)), wl((size_t)K2 * FR * L);
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / (nit * ncg), it = (task / ncg) % nit, cg = task % ncg;
       const int c_end = std::min(C, (cg + 1) * CG), i_end = std::min(H, (it + 1) * IT);
       const T* wb = w + (int64_t)b * K2 * HW;
-      for (int i = it * IT; i < i_end; i += RB) {
-        const int nr = std::min(RB, i_end - i);
-        for (int j0 = 0; j0 < W; j0 += JB) {
-          const int nvalid = std::min(JB, W - j0);
-          // The tile's weights, packed (K2 x RB x JB, zero-padded) and reused by every channel:
+      const int ni = (i_end - it * IT + FR - 1) / FR, nj = (W + L - 1) / L;
+      for (int q = 0; q < ni * nj; ++q) {
+        const int i = it * IT + FR * (q / nj), j0 = L * (q % nj);
+        const int nr = std::min(FR, i_end - i);
+        {
+          const int nvalid = std::min(L, W - j0);
+          // The tile's weights, packed (K2 x FR x L, zero-padded) and reused by every channel:
           // read in place, the K2 tap rows lie H*W floats apart, a multiple of 4 KB for sizes
           // like 224² and 448², so all of them fall in one L1 set and evict each other.
           const T* wp = wb + (int64_t)i * W + j0;
-          if (nvalid < JB || nr < RB) std::fill(wl.begin(), wl.end(), T(0));
           for (int t = 0; t < K2; ++t)
-            for (int r = 0; r < nr; ++r)
-              std::memcpy(&wl[((size_t)t * RB + r) * JB], wp + t * HW + (int64_t)r * W, sizeof(T) * nvalid);
+            for (int r = 0; r < FR; ++r)
+              copy_part(&wl[((size_t)t * FR + r) * L], wp + t * HW + (int64_t)r * W, 0, r < nr ? nvalid : 0, L);
           const T* wt_ = wl.data();
-          const int64_t wt = (int64_t)RB * JB, wr = JB;
-          for (int c0 = cg * CG; c0 < c_end; c0 += CBF) {
-            const int cb = std::min(CBF, c_end - c0);
+          const int64_t wt = (int64_t)FR * L;
+          // the next tile's weight rows, a few per channel block (prefetched for its packing)
+          const T* wn = nullptr;
+          if (q + 1 < ni * nj) {
+            const int i2 = it * IT + FR * ((q + 1) / nj), j2 = L * ((q + 1) % nj);
+            if (i2 + FR <= H) wn = wb + (int64_t)i2 * W + j2;
+          }
+          const int nblk = (c_end - cg * CG + FC - 1) / FC, per = (K2 * FR + nblk - 1) / nblk;
+          for (int c0 = cg * CG; c0 < c_end; c0 += FC) {
+            const int cb = std::min(FC, c_end - c0);
+            if (wn) {
+              const int m = (c0 - cg * CG) / FC;
+              for (int x = m * per; x < std::min(K2 * FR, (m + 1) * per); ++x)
+                __builtin_prefetch(wn + (x / FR) * HW + (int64_t)(x % FR) * W);
+            }
             T* o = out + (int64_t)b * osb + (int64_t)c0 * HW + (int64_t)i * W + j0;  // osb: batch stride
             const T* f = feat + ((int64_t)b * C + c0) * HWp + (int64_t)i * Wp + j0;
             int64_t fc = HWp, fr = Wp;
-            if (nvalid < JB) {  // border tile: zero-padded local copy of the features
-              const int span = JB + k - 1, ns = nr + k - 1;
-              std::fill(fl.begin(), fl.end(), T(0));
+            if (nvalid < L) {  // border tile: zero-padded local copy of the features
+              const int ns = nr + k - 1;
               for (int c = 0; c < cb; ++c)
                 for (int r = 0; r < ns; ++r)
-                  std::memcpy(&fl[((size_t)c * (RB + k - 1) + r) * span], f + c * HWp + (int64_t)r * Wp,
-                              sizeof(T) * (nvalid + k - 1));
-              f = fl.data(); fc = (int64_t)(RB + k - 1) * span; fr = span;
+                  copy_part(&fl[((size_t)c * (FR + k - 1) + r) * span], f + c * HWp + (int64_t)r * Wp, 0,
+                            nvalid + k - 1, span);
+              f = fl.data(); fc = (int64_t)(FR + k - 1) * span; fr = span;
             }
-            if (cb == CBF && nr == RB) {
-              fwd_band<T, CBF, RB>(f, fc, fr, wt_, wt, wr, k, o, HW, W, nvalid);
+            if (nr == FR) {
+              if (cb == FC) {
+                const T* fn = nullptr;  // the next tile's features, prefetched meanwhile
+                if (c0 + 2 * FC <= c_end) {
+                  if (fc == HWp) fn = f + FC * fc;
+                } else if (q + 1 < ni * nj) {
+                  const int i2 = it * IT + FR * ((q + 1) / nj), j2 = L * ((q + 1) % nj);
+                  fn = feat + ((int64_t)b * C + cg * CG) * HWp + (int64_t)i2 * Wp + j2;
+                }
+                fwd_tile<T, FC, FR>(f, fc, fr, wt_, wt, k, o, HW, W, nvalid, fn, stream);
+              } else {
+                for (int c = 0; c < cb; ++c)
+                  fwd_tile<T, 1, FR>(f + c * fc, fc, fr, wt_, wt, k, o + c * HW, HW, W, nvalid, nullptr, stream);
+              }
             } else {
-              for (int c = 0; c < cb; ++c)
-                for (int r = 0; r < nr; ++r)
-                  fwd_band<T, 1, 1>(f + c * fc + r * fr, fc, fr, wt_ + r * wr, wt, wr, k, o + c * HW + r * W, HW, W, nvalid);
+              for (int r = 0; r < nr; ++r) {
+                if (cb == FC) {
+                  fwd_tile<T, FC, 1>(f + r * fr, fc, fr, wt_ + r * L, wt, k, o + r * W, HW, W, nvalid, nullptr, stream);
+                } else {
+                  for (int c = 0; c < cb; ++c)
+                    fwd_tile<T, 1, 1>(f + c * fc + r * fr, fc, fr, wt_ + r * L, wt, k, o + c * HW + r * W,
+                                      HW, W, nvalid, nullptr, stream);
+                }
+              }
             }
           }
         }
@@ -364,89 +381,104 @@ void fwd_impl(const T* feat, const T* w, T* out, int64_t osb, int B, int C, int 
 }
 
 template <typename T>
-void tr_impl(const T* g, const T* w, bool tap_major, T* gf, int B, int C, int H, int W, int k) {
-  constexpr int L = Vec<T>::L, JB = NV * L;
+void tr_impl(const T* g, const T* w_in, bool tap_major, T* gf, int B, int C, int H, int W, int k) {
+  // The forward's register tile on flipped taps: with u' = k-1-u, v' = k-1-v,
+  //   gf[c, y, x] = sum_{u',v'} g[c, y-(k-1)+u', x-(k-1)+v'] * w[u, v, y-(k-1)+u', x-(k-1)+v'],
+  // the forward's sum over a feature window at (y-(k-1), x-(k-1)) with per-output weights that
+  // are the original weights shifted by (u', v') (zero outside the image): packed per tile.
+  constexpr int L = Vec<T>::L;
+  constexpr int FR = 4, FC = 6;  // fwd_tile's register tile (5 x 4 measured 7 % slower)
   const int Hp = H + k - 1, Wp = W + k - 1, K2 = k * k;
   const int64_t HW = (int64_t)H * W, HWp = (int64_t)Hp * Wp;
-  // Output column x reads input columns x-v, v < k: rows are zero-padded by k-1 on the left and
-  // up to a whole tile on the right, so every tile runs the same unmasked vector code.
-  const int nb = (Wp + JB - 1) / JB, Wq = nb * JB + k - 1;
-  const int64_t HWq = (int64_t)H * Wq;
-  // Weights with padded rows (~k*k*H*W): from the output pool, so no fresh pages are faulted in
-  // and zeroed on every call (for a few channels that cost as much as the kernel); only the pads
-  // are written with zeros.
-  at::Tensor wq_t = pooled_empty({(int64_t)B * K2 * HWq},
-                                 at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* const wq = wq_t.data_ptr<T>();
-  if (!tap_major) hwk_to_tap<T>(w, wq + k - 1, B, H, W, K2, Wq);
-  at::parallel_for(0, (int64_t)B * K2 * H, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      T* row = wq + r * Wq;
-      std::fill(row, row + k - 1, T(0));
-      if (tap_major) std::memcpy(row + k - 1, w + r * W, sizeof(T) * W);
-      std::fill(row + k - 1 + W, row + Wq, T(0));
-    }
-  });
-  // g rows of one channel block live in a ring of k+1 zero-padded rows: each row is copied once.
-  const int IT = 16, CG = 64, K1 = k + 1;
+  at::Tensor wt_t;
+  const T* w = w_in;
+  if (!tap_major) {
+    wt_t = pooled_empty({(int64_t)B * K2 * HW}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    hwk_to_tap<T>(w_in, wt_t.data_ptr<T>(), B, H, W, K2, W);
+    w = wt_t.data_ptr<T>();
+  }
+  const bool stream = (int64_t)B * C * HWp * sizeof(T) > (int64_t(32) << 20);
+  const int IT = 16, CG = 96;
   const int nit = (Hp + IT - 1) / IT, ncg = (C + CG - 1) / CG;
   at::parallel_for(0, (int64_t)B * nit * ncg, 1, [&](int64_t begin, int64_t end) {
     upfeat_simd::FlushDenormals ftz;
-    std::vector<T> ring((size_t)CB * K1 * Wq, T(0));
-    std::vector<const T*> rows(K1), rc(K1);  // rc: one channel's rows (remainder channels)
-    const int64_t gc = (int64_t)K1 * Wq;
+    const int span = (L + k - 1 + L - 1) / L * L;  // a border tile's local feature rows
+    std::vector<T> fl((size_t)FC * (FR + k - 1) * span, T(0)), wl((size_t)K2 * FR * L);
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / (nit * ncg), it = (task / ncg) % nit, cg = task % ncg;
-      const int c_end = std::min(C, (cg + 1) * CG), y_beg = it * IT, y_end = std::min(Hp, y_beg + IT);
-      const T* wb = wq + (int64_t)b * K2 * HWq;
-      for (int c0 = cg * CG; c0 < c_end; c0 += CB) {
-        const int cb = std::min(CB, c_end - c0);
-        const T* gb = g + ((int64_t)b * C + c0) * HW;
-        T* ob = gf + ((int64_t)b * C + c0) * HWp;
-        int loaded = y_beg - K1;  // last input row copied into the ring
-        for (int y = y_beg; y < y_end; y += 2) {
-          const bool two = y + 1 < y_end;
-          const int ytop = y + two;  // rows y (and y+1) receive from input rows y+1-s, s <= k
-          for (int i = std::max({loaded + 1, y - k + 1, 0}); i <= std::min(ytop, H - 1); ++i) {
-            for (int c = 0; c < cb; ++c)
-              std::memcpy(&ring[((size_t)c * K1 + i % K1) * Wq + k - 1], gb + c * HW + (int64_t)i * W,
-                          sizeof(T) * W);
-            loaded = i;
-          }
-          if (two) {
-            // s such that input row y+1-s is in [0, H)
-            const int slo = std::max(0, y + 2 - H), shi = std::min(k, y + 1);
-            for (int s = slo; s <= shi; ++s) rows[s] = ring.data() + (size_t)((y + 1 - s) % K1) * Wq;
-            const T* wp = wb + (int64_t)(y + 1) * Wq;
-            for (int x0 = 0; x0 < Wp; x0 += JB) {
-              const int nvalid = std::min(JB, Wp - x0);
-              T* o = ob + (int64_t)y * Wp + x0;
-              const bool narrow = nvalid <= L;
-              for (int c = 0; c < cb;) {
-                const int n = cb - c >= CB2 ? CB2 : 1;
-                for (int s = slo; s <= shi; ++s) rc[s] = rows[s] + c * gc;
-                const auto tile = n == CB2 ? (narrow ? &tr2_tile<T, CB2, 1> : &tr2_tile<T, CB2, NV>)
-                                            : (narrow ? &tr2_tile<T, 1, 1> : &tr2_tile<T, 1, NV>);
-                tile(rc.data(), gc, wp, HWq, Wq, x0 + k - 1, k, slo, shi, o + c * HWp, HWp, Wp, nvalid);
-                c += n;
-              }
+      const int c_end = std::min(C, (cg + 1) * CG), y_end = std::min(Hp, (it + 1) * IT);
+      const T* wb = w + (int64_t)b * K2 * HW;
+      const int ni = (y_end - it * IT + FR - 1) / FR, nj = (Wp + L - 1) / L;
+      for (int q = 0; q < ni * nj; ++q) {
+        const int y0 = it * IT + FR * (q / nj), x0 = L * (q % nj);
+        const int nr = std::min(FR, y_end - y0), nvalid = std::min(L, Wp - x0);
+        const int i0 = y0 - (k - 1), j0 = x0 - (k - 1);  // the feature window's corner in g
+        // packed weights: tap t' = u'*k + v' of output row r at wl[(t'*FR + r)*L + n]
+        for (int up = 0; up < k; ++up)
+          for (int r = 0; r < FR; ++r) {
+            const int i = i0 + r + up;
+            const bool ok = r < nr && i >= 0 && i < H;
+            for (int vp = 0; vp < k; ++vp) {
+              const int c0 = j0 + vp;  // g / weight column of lane 0
+              const T* src = wb + (int64_t)((k - 1 - up) * k + (k - 1 - vp)) * HW + (int64_t)i * W + c0;
+              copy_part(&wl[((size_t)(up * k + vp) * FR + r) * L], src, ok ? std::max(0, -c0) : 0,
+                        ok ? std::min(L, W - c0) : 0, L);
             }
-            continue;
           }
-          // a last single row: output row y receives from input rows i = y-u with 0 <= i < H
-          const int ulo = std::max(0, y - H + 1), uhi = std::min(k, y + 1);
-          for (int u = ulo; u < uhi; ++u) rows[u] = ring.data() + (size_t)((y - u) % K1) * Wq;
-          const T* wp = wb + (int64_t)y * Wq;
-          for (int x0 = 0; x0 < Wp; x0 += JB) {
-            const int nvalid = std::min(JB, Wp - x0);
-            T* o = ob + (int64_t)y * Wp + x0;
-            if (cb == CB) {
-              tr_tile<T, CB>(rows.data(), gc, wp, HWq, -Wq, x0 + k - 1, k, ulo, uhi, o, HWp, nvalid);
+        const T* wt_ = wl.data();
+        const int64_t wt = (int64_t)FR * L;
+        const bool inside = i0 >= 0 && i0 + nr + k - 1 <= H && j0 >= 0 && j0 + L + k - 1 <= W;
+        // the next tile's weight rows, a few per channel block (prefetched for its packing)
+        const int nblk = (c_end - cg * CG + FC - 1) / FC, per = (K2 * FR + nblk - 1) / nblk;
+        const bool pf = q + 1 < ni * nj;
+        const int i0n = it * IT + FR * ((q + 1) / nj) - (k - 1), j0n = L * ((q + 1) % nj) - (k - 1);
+        for (int c0 = cg * CG; c0 < c_end; c0 += FC) {
+          const int cb = std::min(FC, c_end - c0);
+          if (pf) {
+            const int m = (c0 - cg * CG) / FC;
+            for (int x = m * per; x < std::min(K2 * FR, (m + 1) * per); ++x) {
+              const int up = x / FR / k, vp = x / FR % k, i = i0n + x % FR + up;
+              if (i < 0 || i >= H) continue;
+              const T* src = wb + (int64_t)((k - 1 - up) * k + (k - 1 - vp)) * HW + (int64_t)i * W + j0n + vp;
+              __builtin_prefetch(src);
+              __builtin_prefetch(src + L - 1);
+            }
+          }
+          T* o = gf + ((int64_t)b * C + c0) * HWp + (int64_t)y0 * Wp + x0;
+          const T* gb = g + ((int64_t)b * C + c0) * HW;
+          const T* f;
+          int64_t fc, fr;
+          if (inside) {
+            f = gb + (int64_t)i0 * W + j0; fc = HW; fr = W;
+          } else {  // border tile: zero-padded local copy of the window
+            const int clo = std::max(0, -j0), chi = std::min(L + k - 1, W - j0);
+            for (int c = 0; c < cb; ++c)
+              for (int s = 0; s < nr + k - 1; ++s) {
+                const int i = i0 + s;
+                const bool ok = i >= 0 && i < H;
+                copy_part(&fl[((size_t)c * (FR + k - 1) + s) * span], gb + c * HW + (int64_t)i * W + j0,
+                          ok ? clo : 0, ok ? chi : 0, span);
+              }
+            f = fl.data(); fc = (int64_t)(FR + k - 1) * span; fr = span;
+          }
+          if (nr == FR) {
+            if (cb == FC) {
+              // the next block's window in g (also for border tiles: their copies read it)
+              const T* fn = c0 + 2 * FC <= c_end ? gb + FC * HW + (int64_t)i0 * W + j0
+                            : pf ? g + ((int64_t)b * C + cg * CG) * HW + (int64_t)i0n * W + j0n : nullptr;
+              fwd_tile<T, FC, FR>(f, fc, fr, wt_, wt, k, o, HWp, Wp, nvalid, fn, stream, HW, W);
             } else {
-              for (int c = 0; c < cb; ++c) {
-                for (int u = ulo; u < uhi; ++u) rc[u] = rows[u] + c * gc;
-                tr_tile<T, 1>(rc.data(), 0, wp, HWq, -Wq, x0 + k - 1, k, ulo, uhi, o + c * HWp,
-                              HWp, nvalid);
+              for (int c = 0; c < cb; ++c)
+                fwd_tile<T, 1, FR>(f + c * fc, fc, fr, wt_, wt, k, o + c * HWp, HWp, Wp, nvalid, nullptr, stream);
+            }
+          } else {
+            for (int r = 0; r < nr; ++r) {
+              if (cb == FC) {
+                fwd_tile<T, FC, 1>(f + r * fr, fc, fr, wt_ + r * L, wt, k, o + r * Wp, HWp, Wp, nvalid, nullptr, stream);
+              } else {
+                for (int c = 0; c < cb; ++c)
+                  fwd_tile<T, 1, 1>(f + c * fc + r * fr, fc, fr, wt_ + r * L, wt, k, o + c * HWp + r * Wp,
+                                    HWp, Wp, nvalid, nullptr, stream);
               }
             }
           }
@@ -458,56 +490,52 @@ void tr_impl(const T* g, const T* w, bool tap_major, T* gf, int B, int C, int H,
 
 template <typename T>
 void corr_impl(const T* a, const T* p, T* o, int B, int C, int H, int W, int k) {
-  constexpr int L = Vec<T>::L, JB = NV * L;
+  constexpr int L = Vec<T>::L;
+  constexpr int CR = 3;  // rows of corr_tile's register tile
   const int Hp = H + k - 1, Wp = W + k - 1, K2 = k * k;
   const int64_t HW = (int64_t)H * W, HWp = (int64_t)Hp * Wp;
-  // The channel sum is split in blocks of CC so that the rows of a tile (a: IT rows, p: IT+k-1
-  // rows, CC channels each) stay in L2 while every output row of the tile is visited.
-  const int IT = 8, CC = 32;
+  // The channel sum is split in blocks of CC so that the rows of a task (a: IT rows, p: IT+k-1
+  // rows, CC channels each) stay in L2 while every output row of the task is visited.
+  // CC = 96 (~1.5 MB of rows, so only partly in a 1 MB L2) measured 1-3 % faster than 64 (fewer
+  // passes over the task's output rows); IT = 9, CC = 48 was no faster.
+  const int IT = 6, CC = 96;
   const int nit = (H + IT - 1) / IT;
   at::parallel_for(0, (int64_t)B * nit, 1, [&](int64_t begin, int64_t end) {
     upfeat_simd::FlushDenormals ftz;
-    const int span = JB + k - 1;
-    std::vector<T> al((size_t)CC * JB), al1((size_t)CC * JB), pl((size_t)CC * span);
+    const int span = (L + k - 1 + L - 1) / L * L;
+    // al: one tile's a (CC x CR x L): its channels lie H*W floats apart in place, a multiple of
+    // 4 KB for sizes like 224², so they would all fall in one L1 set.
+    std::vector<T> al((size_t)CC * CR * L), pl((size_t)CC * (CR + k - 1) * span, T(0));
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / nit, it = task % nit, i_end = std::min(H, (it + 1) * IT);
       for (int c0 = 0; c0 < C; c0 += CC) {
         const int cc = std::min(CC, C - c0);
         const T* ab = a + ((int64_t)b * C + c0) * HW;
         const T* pb = p + ((int64_t)b * C + c0) * HWp;
-        for (int i = it * IT; i < i_end; i += 2) {  // rows i, i+1 from feat rows i .. i+k
-          const bool two = i + 1 < i_end;
+        for (int i = it * IT; i < i_end; i += CR) {
+          const int nr = std::min(CR, i_end - i);
           T* ob = o + (int64_t)b * K2 * HW + (int64_t)i * W;
-          for (int j0 = 0; j0 < W; j0 += JB) {
-            const int nvalid = std::min(JB, W - j0);
-            const T* ap = ab + (int64_t)i * W + j0; int64_t ac = HW;
-            const T* ap1 = two ? ap + W : ap;
-            if (nvalid < JB) {  // border tile: zero-padded local copies
-              std::fill(al.begin(), al.end(), T(0));
-              std::fill(al1.begin(), al1.end(), T(0));
-              for (int c = 0; c < cc; ++c) {
-                std::memcpy(&al[(size_t)c * JB], ap + c * HW, sizeof(T) * nvalid);
-                std::memcpy(&al1[(size_t)c * JB], ap1 + c * HW, sizeof(T) * nvalid);
-              }
-              ap = al.data(); ap1 = al1.data(); ac = JB;
+          for (int j0 = 0; j0 < W; j0 += L) {
+            const int nvalid = std::min(L, W - j0);
+            for (int c = 0; c < cc; ++c)
+              for (int r = 0; r < CR; ++r)
+                copy_part(&al[((size_t)c * CR + r) * L], ab + c * HW + (int64_t)(i + r) * W + j0, 0,
+                          r < nr ? nvalid : 0, L);
+            const T* pp = pb + (int64_t)i * Wp + j0;
+            int64_t pc = HWp, pr = Wp;
+            if (nvalid < L) {  // border tile: zero-padded local copy of the feat rows
+              for (int c = 0; c < cc; ++c)
+                for (int r = 0; r < nr + k - 1; ++r)
+                  copy_part(&pl[((size_t)c * (CR + k - 1) + r) * span], pp + c * HWp + (int64_t)r * Wp, 0,
+                            nvalid + k - 1, span);
+              pp = pl.data(); pc = (int64_t)(CR + k - 1) * span; pr = span;
             }
-            for (int s = 0; s < k + two; ++s) {
-              const T* pp = pb + (int64_t)(i + s) * Wp + j0; int64_t pc = HWp;
-              if (nvalid < JB) {
-                std::fill(pl.begin(), pl.end(), T(0));
-                for (int c = 0; c < cc; ++c)
-                  std::memcpy(&pl[(size_t)c * span], pp + c * HWp, sizeof(T) * (nvalid + k - 1));
-                pp = pl.data(); pc = span;
-              }
-              // row i: tap row s (if s < k); row i+1: tap row s-1 (if s >= 1)
-              T* o0 = ob + (int64_t)s * k * HW + j0;
-              T* o1 = s >= 1 ? ob + W + (int64_t)(s - 1) * k * HW + j0 : o0;
-              if (!two || s == 0)
-                corr2_taps<T, true, false>(ap, ap1, ac, pp, pc, cc, o0, o1, HW, k, nvalid, c0 > 0);
-              else if (s == k)
-                corr2_taps<T, false, true>(ap, ap1, ac, pp, pc, cc, o0, o1, HW, k, nvalid, c0 > 0);
-              else
-                corr2_taps<T, true, true>(ap, ap1, ac, pp, pc, cc, o0, o1, HW, k, nvalid, c0 > 0);
+            if (nr == CR) {
+              corr_taps<T, CR>(al.data(), CR * L, pp, pc, pr, cc, k, ob + j0, HW, W, nvalid, c0 > 0);
+            } else {  // the band's last rows, one at a time
+              for (int r = 0; r < nr; ++r)
+                corr_taps<T, 1>(al.data() + r * L, CR * L, pp + r * pr, pc, pr, cc, k, ob + j0 + (int64_t)r * W, HW,
+                                W, nvalid, c0 > 0);
             }
           }
         }
@@ -554,9 +582,14 @@ void tap_to_hwk(const T* src, T* dst, int B, int H, int W, int K2) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, i = r % H;
       T* d = dst + r * W * K2;
-      for (int t = 0; t < K2; ++t) {
-        const T* s = src + ((b * K2 + t) * H + i) * W;
-        for (int j = 0; j < W; ++j) d[(int64_t)j * K2 + t] = s[j];
+      const T* s0 = src + (b * K2 * H + i) * W;
+      for (int j0 = 0; j0 < W; j0 += 16) {  // column blocks, as in hwk_to_tap
+        const int jn = std::min(16, W - j0);
+        T* db = d + (int64_t)j0 * K2;
+        for (int t = 0; t < K2; ++t) {
+          const T* sr = s0 + (int64_t)t * H * W + j0;
+          for (int j = 0; j < jn; ++j) db[(int64_t)j * K2 + t] = sr[j];
+        }
       }
     }
   });
@@ -598,6 +631,19 @@ void acv_fwd_into(const at::Tensor& feat, const at::Tensor& w, int64_t k, bool t
     fwd_impl<scalar_t>(feat.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                        out.stride(0), B, C, H, W, (int)k);
   });
+}
+
+// pixel-major (B,H,W,k*k) -> tap-major (B,k*k,H,W), the layout every kernel reads (so an
+// autograd caller converts once and hands the copy to both the forward and tr).
+at::Tensor acv_to_tap(const at::Tensor& w, int64_t k) {
+  check_inputs(w, "weights");
+  TORCH_CHECK(w.dim() == 4 && w.size(3) == k * k, "weights must be (B, H, W, k*k), got ", w.sizes());
+  const int B = w.size(0), H = w.size(1), W = w.size(2);
+  auto out = pooled_empty({B, k * k, H, W}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "acv_to_tap", [&] {
+    hwk_to_tap<scalar_t>(w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, H, W, k * k, W);
+  });
+  return out;
 }
 
 // feat (B,C,Hp,Wp), w -> (B,C,H,W)
@@ -653,6 +699,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &acv_fwd, "adaptive conv forward");
   m.def("fwd_into", &acv_fwd_into, "adaptive conv forward into a given output");
   m.def("tap_softmax_", &tap_softmax_, "in-place softmax over taps of tap-major JBU logits");
+  m.def("to_tap", &acv_to_tap, "pixel-major weights to tap-major");
   m.def("tr", &acv_tr, "adjoint of the forward w.r.t. feat");
   m.def("corr", &acv_corr, "local correlation (adjoint w.r.t. weights)");
   m.def("band_matmul", &band_matmul, "ah @ x @ aw^T for banded ah, aw (separable resize)");
