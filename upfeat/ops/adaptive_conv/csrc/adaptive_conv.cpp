@@ -105,6 +105,16 @@ inline void vstream(T* p, const V& v) {
   vstore(p, v);
 }
 
+// Streaming stores are weakly ordered: a worker fences them before handing its chunk back, so the
+// thread that joins the parallel region (and any later reader) sees the data.
+inline void stream_fence(bool streamed) {
+#if defined(__AVX512F__)
+  if (streamed) _mm_sfence();
+#else
+  (void)streamed;
+#endif
+}
+
 // Lanes [lo, hi) of the vector at p (only those are read), zeros elsewhere; 0 <= lo, hi <= L.
 template <typename T>
 inline typename Vec<T>::type vload_part(const T* p, int lo, int hi) {
@@ -377,6 +387,7 @@ void fwd_impl(const T* feat, const T* w, T* out, int64_t osb, int B, int C, int 
         }
       }
     }
+    stream_fence(stream);
   });
 }
 
@@ -485,6 +496,7 @@ void tr_impl(const T* g, const T* w_in, bool tap_major, T* gf, int B, int C, int
         }
       }
     }
+    stream_fence(stream);
   });
 }
 
