@@ -1,6 +1,9 @@
 """Test helpers shared by several test files."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -49,3 +52,14 @@ def skip_without_focus() -> None:
     except ImportError:
         if not (backbones.cache_dir() / focus.CACHE_FILE).is_file():
             pytest.skip(f"vits14_focus weights unavailable: {focus.INSTALL}")
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,19 +2,15 @@
 exit code of the "shared JBU beats bilinear everywhere" check."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "backbone_table.py"
+from ._utils import load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("backbone_table", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("backbone_table")
 
 
 def _write(path: Path, **datasets) -> None:

@@ -2,25 +2,21 @@
 and its guided filter is He et al.'s (exact on known answers)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "dev_split.py"
+from upfeat.eval.datasets import open_dataset
+
+from ._utils import load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("dev_split", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("dev_split")
 
 
 def test_split_is_train_data_only_and_disjoint(data_dir):
     split = _script().dev_split(14)
-    val = {p[0] for p in __import__("upfeat").eval.datasets.open_dataset(data_dir / "camvid", "val").pairs}
+    val = {p[0] for p in open_dataset(data_dir / "camvid", "val").pairs}
     (ctr, cev), (dtr, dev) = split["camvid"], split["davis"]
     assert (len(ctr), len(cev)) == (55, 34)
     assert not {p[0] for p in ctr.pairs + cev.pairs} & val

@@ -1,7 +1,6 @@
 """benchmarks/eval_table.py: the combined README table, the sanity check, and (slow) a tiny run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,16 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from ._utils import save_untrained_model, skip_without_focus
+from ._utils import load_benchmark, save_untrained_model, skip_without_focus
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_table.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("eval_table", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("eval_table")
 
 
 def _row(label, **metrics):

@@ -213,6 +213,32 @@ inline void fwd_tile(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt,
     }
 }
 
+// One tile of nr <= R rows and cb <= C_B channels: the full R x C_B register tile where it fits
+// (prefetching fnext, laid out with strides nfc/nfr), single rows / channels at the edges.
+template <typename T, int C_B, int R>
+inline void fwd_block(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt, int k, T* o,
+                      int64_t oc, int64_t orow, int nvalid, int nr, int cb, const T* fnext,
+                      bool stream, int64_t nfc = 0, int64_t nfr = 0) {
+  constexpr int L = Vec<T>::L;
+  if (nr == R && cb == C_B) {
+    fwd_tile<T, C_B, R>(f, fc, fr, w, wt, k, o, oc, orow, nvalid, fnext, stream, nfc, nfr);
+  } else if (nr == R) {
+    for (int c = 0; c < cb; ++c)
+      fwd_tile<T, 1, R>(f + c * fc, fc, fr, w, wt, k, o + c * oc, oc, orow, nvalid, nullptr, stream);
+  } else {
+    for (int r = 0; r < nr; ++r) {
+      if (cb == C_B) {
+        fwd_tile<T, C_B, 1>(f + r * fr, fc, fr, w + r * L, wt, k, o + r * orow, oc, orow, nvalid,
+                            nullptr, stream);
+      } else {
+        for (int c = 0; c < cb; ++c)
+          fwd_tile<T, 1, 1>(f + c * fc + r * fr, fc, fr, w + r * L, wt, k, o + c * oc + r * orow,
+                            oc, orow, nvalid, nullptr, stream);
+      }
+    }
+  }
+}
+
 // corr, R output rows x V_B taps (v0 .. v0+V_B-1 of one tap row each) x one vector of columns:
 // feat row s feeds row r through tap row u = s - r (r in a compile-time range per s, as in
 // fwd_tile), so each p vector load serves up to R FMAs and each a vector V_B: (R + V_B) loads
@@ -358,31 +384,14 @@ void fwd_impl(const T* feat, const T* w, T* out, int64_t osb, int B, int C, int 
                             nvalid + k - 1, span);
               f = fl.data(); fc = (int64_t)(FR + k - 1) * span; fr = span;
             }
-            if (nr == FR) {
-              if (cb == FC) {
-                const T* fn = nullptr;  // the next tile's features, prefetched meanwhile
-                if (c0 + 2 * FC <= c_end) {
-                  if (fc == HWp) fn = f + FC * fc;
-                } else if (q + 1 < ni * nj) {
-                  const int i2 = it * IT + FR * ((q + 1) / nj), j2 = L * ((q + 1) % nj);
-                  fn = feat + ((int64_t)b * C + cg * CG) * HWp + (int64_t)i2 * Wp + j2;
-                }
-                fwd_tile<T, FC, FR>(f, fc, fr, wt_, wt, k, o, HW, W, nvalid, fn, stream);
-              } else {
-                for (int c = 0; c < cb; ++c)
-                  fwd_tile<T, 1, FR>(f + c * fc, fc, fr, wt_, wt, k, o + c * HW, HW, W, nvalid, nullptr, stream);
-              }
-            } else {
-              for (int r = 0; r < nr; ++r) {
-                if (cb == FC) {
-                  fwd_tile<T, FC, 1>(f + r * fr, fc, fr, wt_ + r * L, wt, k, o + r * W, HW, W, nvalid, nullptr, stream);
-                } else {
-                  for (int c = 0; c < cb; ++c)
-                    fwd_tile<T, 1, 1>(f + c * fc + r * fr, fc, fr, wt_ + r * L, wt, k, o + c * HW + r * W,
-                                      HW, W, nvalid, nullptr, stream);
-                }
-              }
+            const T* fn = nullptr;  // the next tile's features, prefetched meanwhile
+            if (c0 + 2 * FC <= c_end) {
+              if (fc == HWp) fn = f + FC * fc;
+            } else if (q + 1 < ni * nj) {
+              const int i2 = it * IT + FR * ((q + 1) / nj), j2 = L * ((q + 1) % nj);
+              fn = feat + ((int64_t)b * C + cg * CG) * HWp + (int64_t)i2 * Wp + j2;
             }
+            fwd_block<T, FC, FR>(f, fc, fr, wt_, wt, k, o, HW, W, nvalid, nr, cb, fn, stream);
           }
         }
       }
@@ -472,27 +481,10 @@ void tr_impl(const T* g, const T* w_in, bool tap_major, T* gf, int B, int C, int
               }
             f = fl.data(); fc = (int64_t)(FR + k - 1) * span; fr = span;
           }
-          if (nr == FR) {
-            if (cb == FC) {
-              // the next block's window in g (also for border tiles: their copies read it)
-              const T* fn = c0 + 2 * FC <= c_end ? gb + FC * HW + (int64_t)i0 * W + j0
-                            : pf ? g + ((int64_t)b * C + cg * CG) * HW + (int64_t)i0n * W + j0n : nullptr;
-              fwd_tile<T, FC, FR>(f, fc, fr, wt_, wt, k, o, HWp, Wp, nvalid, fn, stream, HW, W);
-            } else {
-              for (int c = 0; c < cb; ++c)
-                fwd_tile<T, 1, FR>(f + c * fc, fc, fr, wt_, wt, k, o + c * HWp, HWp, Wp, nvalid, nullptr, stream);
-            }
-          } else {
-            for (int r = 0; r < nr; ++r) {
-              if (cb == FC) {
-                fwd_tile<T, FC, 1>(f + r * fr, fc, fr, wt_ + r * L, wt, k, o + r * Wp, HWp, Wp, nvalid, nullptr, stream);
-              } else {
-                for (int c = 0; c < cb; ++c)
-                  fwd_tile<T, 1, 1>(f + c * fc + r * fr, fc, fr, wt_ + r * L, wt, k, o + c * HWp + r * Wp,
-                                    HWp, Wp, nvalid, nullptr, stream);
-              }
-            }
-          }
+          // the next block's window in g (also for border tiles: their copies read it)
+          const T* fn = c0 + 2 * FC <= c_end ? gb + FC * HW + (int64_t)i0 * W + j0
+                        : pf ? g + ((int64_t)b * C + cg * CG) * HW + (int64_t)i0n * W + j0n : nullptr;
+          fwd_block<T, FC, FR>(f, fc, fr, wt_, wt, k, o, HWp, Wp, nvalid, nr, cb, fn, stream, HW, W);
         }
       }
     }
