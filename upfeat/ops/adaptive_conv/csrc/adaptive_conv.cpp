@@ -301,15 +301,14 @@ void corr_taps(const T* al, int64_t as, const T* p, int64_t pc, int64_t pr, int 
 }
 
 // ---------------------------------------------------------------------------------------------
-// (B,H,W,K2) -> (B,K2,H,ld): one image row (W x K2 values, in L1) per step; `ld` >= W lets the
-// destination rows be padded (tr's zero-padded weight rows).
+// (B,H,W,K2) -> (B,K2,H,W): one image row (W x K2 values, in L1) per step.
 template <typename T>
-void hwk_to_tap(const T* src, T* dst, int B, int H, int W, int K2, int64_t ld) {
+void hwk_to_tap(const T* src, T* dst, int B, int H, int W, int K2) {
   at::parallel_for(0, (int64_t)B * H, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, i = r % H;
       const T* s = src + r * W * K2;
-      T* d0 = dst + (b * K2 * H + i) * ld;
+      T* d0 = dst + (b * K2 * H + i) * W;
       // 16-pixel column blocks: the source block (16 x K2) stays in L1 across the K2 passes,
       // and each pass writes whole destination cache lines (the unblocked loop ran each pass
       // over the whole row, W x K2 values, which does not fit L1 alongside the writes).
@@ -317,7 +316,7 @@ void hwk_to_tap(const T* src, T* dst, int B, int H, int W, int K2, int64_t ld) {
         const int jn = std::min(16, W - j0);
         const T* sb = s + (int64_t)j0 * K2;
         for (int t = 0; t < K2; ++t) {
-          T* d = d0 + (int64_t)t * H * ld + j0;
+          T* d = d0 + (int64_t)t * H * W + j0;
           for (int j = 0; j < jn; ++j) d[j] = sb[(int64_t)j * K2 + t];
         }
       }
@@ -348,51 +347,44 @@ void fwd_impl(const T* feat, const T* w, T* out, int64_t osb, int B, int C, int 
       for (int q = 0; q < ni * nj; ++q) {
         const int i = it * IT + FR * (q / nj), j0 = L * (q % nj);
         const int nr = std::min(FR, i_end - i);
-        {
-          const int nvalid = std::min(L, W - j0);
-          // The tile's weights, packed (K2 x FR x L, zero-padded) and reused by every channel:
-          // read in place, the K2 tap rows lie H*W floats apart, a multiple of 4 KB for sizes
-          // like 224² and 448², so all of them fall in one L1 set and evict each other.
-          const T* wp = wb + (int64_t)i * W + j0;
-          for (int t = 0; t < K2; ++t)
-            for (int r = 0; r < FR; ++r)
-              copy_part(&wl[((size_t)t * FR + r) * L], wp + t * HW + (int64_t)r * W, 0, r < nr ? nvalid : 0, L);
-          const T* wt_ = wl.data();
-          const int64_t wt = (int64_t)FR * L;
-          // the next tile's weight rows, a few per channel block (prefetched for its packing)
-          const T* wn = nullptr;
-          if (q + 1 < ni * nj) {
-            const int i2 = it * IT + FR * ((q + 1) / nj), j2 = L * ((q + 1) % nj);
-            if (i2 + FR <= H) wn = wb + (int64_t)i2 * W + j2;
+        const int nvalid = std::min(L, W - j0);
+        // The tile's weights, packed (K2 x FR x L, zero-padded) and reused by every channel:
+        // read in place, the K2 tap rows lie H*W floats apart, a multiple of 4 KB for sizes
+        // like 224² and 448², so all of them fall in one L1 set and evict each other.
+        const T* wp = wb + (int64_t)i * W + j0;
+        for (int t = 0; t < K2; ++t)
+          for (int r = 0; r < FR; ++r)
+            copy_part(&wl[((size_t)t * FR + r) * L], wp + t * HW + (int64_t)r * W, 0, r < nr ? nvalid : 0, L);
+        const T* wt_ = wl.data();
+        const int64_t wt = (int64_t)FR * L;
+        // the next tile (prefetched meanwhile): its weight rows, a few per channel block, for
+        // its packing; its features during the last channel block
+        const bool next = q + 1 < ni * nj;
+        const int i2 = it * IT + FR * ((q + 1) / nj), j2 = L * ((q + 1) % nj);
+        const T* wn = next && i2 + FR <= H ? wb + (int64_t)i2 * W + j2 : nullptr;
+        const int nblk = (c_end - cg * CG + FC - 1) / FC, per = (K2 * FR + nblk - 1) / nblk;
+        for (int c0 = cg * CG; c0 < c_end; c0 += FC) {
+          const int cb = std::min(FC, c_end - c0);
+          if (wn) {
+            const int m = (c0 - cg * CG) / FC;
+            for (int x = m * per; x < std::min(K2 * FR, (m + 1) * per); ++x)
+              __builtin_prefetch(wn + (x / FR) * HW + (int64_t)(x % FR) * W);
           }
-          const int nblk = (c_end - cg * CG + FC - 1) / FC, per = (K2 * FR + nblk - 1) / nblk;
-          for (int c0 = cg * CG; c0 < c_end; c0 += FC) {
-            const int cb = std::min(FC, c_end - c0);
-            if (wn) {
-              const int m = (c0 - cg * CG) / FC;
-              for (int x = m * per; x < std::min(K2 * FR, (m + 1) * per); ++x)
-                __builtin_prefetch(wn + (x / FR) * HW + (int64_t)(x % FR) * W);
-            }
-            T* o = out + (int64_t)b * osb + (int64_t)c0 * HW + (int64_t)i * W + j0;  // osb: batch stride
-            const T* f = feat + ((int64_t)b * C + c0) * HWp + (int64_t)i * Wp + j0;
-            int64_t fc = HWp, fr = Wp;
-            if (nvalid < L) {  // border tile: zero-padded local copy of the features
-              const int ns = nr + k - 1;
-              for (int c = 0; c < cb; ++c)
-                for (int r = 0; r < ns; ++r)
-                  copy_part(&fl[((size_t)c * (FR + k - 1) + r) * span], f + c * HWp + (int64_t)r * Wp, 0,
-                            nvalid + k - 1, span);
-              f = fl.data(); fc = (int64_t)(FR + k - 1) * span; fr = span;
-            }
-            const T* fn = nullptr;  // the next tile's features, prefetched meanwhile
-            if (c0 + 2 * FC <= c_end) {
-              if (fc == HWp) fn = f + FC * fc;
-            } else if (q + 1 < ni * nj) {
-              const int i2 = it * IT + FR * ((q + 1) / nj), j2 = L * ((q + 1) % nj);
-              fn = feat + ((int64_t)b * C + cg * CG) * HWp + (int64_t)i2 * Wp + j2;
-            }
-            fwd_block<T, FC, FR>(f, fc, fr, wt_, wt, k, o, HW, W, nvalid, nr, cb, fn, stream);
+          T* o = out + (int64_t)b * osb + (int64_t)c0 * HW + (int64_t)i * W + j0;  // osb: batch stride
+          const T* f = feat + ((int64_t)b * C + c0) * HWp + (int64_t)i * Wp + j0;
+          int64_t fc = HWp, fr = Wp;
+          if (nvalid < L) {  // border tile: zero-padded local copy of the features
+            const int ns = nr + k - 1;
+            for (int c = 0; c < cb; ++c)
+              for (int r = 0; r < ns; ++r)
+                copy_part(&fl[((size_t)c * (FR + k - 1) + r) * span], f + c * HWp + (int64_t)r * Wp, 0,
+                          nvalid + k - 1, span);
+            f = fl.data(); fc = (int64_t)(FR + k - 1) * span; fr = span;
           }
+          // the next channel block's features, or the next tile's after the last block
+          const T* fn = c0 + 2 * FC <= c_end ? (fc == HWp ? f + FC * fc : nullptr)
+                        : next ? feat + ((int64_t)b * C + cg * CG) * HWp + (int64_t)i2 * Wp + j2 : nullptr;
+          fwd_block<T, FC, FR>(f, fc, fr, wt_, wt, k, o, HW, W, nvalid, nr, cb, fn, stream);
         }
       }
     }
@@ -401,7 +393,7 @@ void fwd_impl(const T* feat, const T* w, T* out, int64_t osb, int B, int C, int 
 }
 
 template <typename T>
-void tr_impl(const T* g, const T* w_in, bool tap_major, T* gf, int B, int C, int H, int W, int k) {
+void tr_impl(const T* g, const T* w, T* gf, int B, int C, int H, int W, int k) {
   // The forward's register tile on flipped taps: with u' = k-1-u, v' = k-1-v,
   //   gf[c, y, x] = sum_{u',v'} g[c, y-(k-1)+u', x-(k-1)+v'] * w[u, v, y-(k-1)+u', x-(k-1)+v'],
   // the forward's sum over a feature window at (y-(k-1), x-(k-1)) with per-output weights that
@@ -410,13 +402,6 @@ void tr_impl(const T* g, const T* w_in, bool tap_major, T* gf, int B, int C, int
   constexpr int FR = 4, FC = 6;  // fwd_tile's register tile (5 x 4 measured 7 % slower)
   const int Hp = H + k - 1, Wp = W + k - 1, K2 = k * k;
   const int64_t HW = (int64_t)H * W, HWp = (int64_t)Hp * Wp;
-  at::Tensor wt_t;
-  const T* w = w_in;
-  if (!tap_major) {
-    wt_t = pooled_empty({(int64_t)B * K2 * HW}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-    hwk_to_tap<T>(w_in, wt_t.data_ptr<T>(), B, H, W, K2, W);
-    w = wt_t.data_ptr<T>();
-  }
   const bool stream = (int64_t)B * C * HWp * sizeof(T) > (int64_t(32) << 20);
   const int IT = 16, CG = 96;
   const int nit = (Hp + IT - 1) / IT, ncg = (C + CG - 1) / CG;
@@ -579,7 +564,7 @@ void check_padded(const at::Tensor& p, int64_t B, int64_t C, int64_t H, int64_t 
               H + k - 1, ", ", W + k - 1, ") for a ", H, "x", W, " output and k = ", k);
 }
 
-// (B,K2,H,W) -> (B,H,W,K2), the inverse of hwk_to_tap with ld = W.
+// (B,K2,H,W) -> (B,H,W,K2), the inverse of hwk_to_tap.
 template <typename T>
 void tap_to_hwk(const T* src, T* dst, int B, int H, int W, int K2) {
   at::parallel_for(0, (int64_t)B * H, 8, [&](int64_t begin, int64_t end) {
@@ -612,6 +597,19 @@ void tap_softmax_(at::Tensor& logits, const at::Tensor& log_s, double thr);
 // Weights come tap-major (B,K2,H,W) or pixel-major (B,H,W,K2): `tap_major` says which; the
 // kernels work tap-major (contiguous along image rows) and convert the small weight tensor here.
 
+// pixel-major (B,H,W,k*k) -> tap-major (B,k*k,H,W), the layout every kernel reads (so an
+// autograd caller converts once and hands the copy to both the forward and tr).
+at::Tensor acv_to_tap(const at::Tensor& w, int64_t k) {
+  check_inputs(w, "weights");
+  TORCH_CHECK(w.dim() == 4 && w.size(3) == k * k, "weights must be (B, H, W, k*k), got ", w.sizes());
+  const int B = w.size(0), H = w.size(1), W = w.size(2);
+  auto out = pooled_empty({B, k * k, H, W}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "acv_to_tap", [&] {
+    hwk_to_tap<scalar_t>(w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, H, W, k * k);
+  });
+  return out;
+}
+
 // feat (B,C,Hp,Wp), w -> out (B,C,H,W): each out[b] contiguous, any batch stride (a channel
 // slice of a larger output, so a caller assembling channel groups needs no copy).
 void acv_fwd_into(const at::Tensor& feat, const at::Tensor& w, int64_t k, bool tap_major, at::Tensor& out) {
@@ -626,28 +624,11 @@ void acv_fwd_into(const at::Tensor& feat, const at::Tensor& w, int64_t k, bool t
               out.stride(3) == 1 && out.stride(2) == W && out.stride(1) == (int64_t)H * W,
               "out must be (", B, ", ", C, ", ", H, ", ", W, ") of feat's dtype with contiguous "
               "(C, H, W) blocks, got ", out.sizes(), " strides ", out.strides());
+  const at::Tensor wt = tap_major ? w : acv_to_tap(w, k);
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "acv_fwd", [&] {
-    at::Tensor wt = w;
-    if (!tap_major) {
-      wt = at::empty({B, k * k, H, W}, w.options());
-      hwk_to_tap<scalar_t>(w.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), B, H, W, k * k, W);
-    }
     fwd_impl<scalar_t>(feat.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                        out.stride(0), B, C, H, W, (int)k);
   });
-}
-
-// pixel-major (B,H,W,k*k) -> tap-major (B,k*k,H,W), the layout every kernel reads (so an
-// autograd caller converts once and hands the copy to both the forward and tr).
-at::Tensor acv_to_tap(const at::Tensor& w, int64_t k) {
-  check_inputs(w, "weights");
-  TORCH_CHECK(w.dim() == 4 && w.size(3) == k * k, "weights must be (B, H, W, k*k), got ", w.sizes());
-  const int B = w.size(0), H = w.size(1), W = w.size(2);
-  auto out = pooled_empty({B, k * k, H, W}, w.options());
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "acv_to_tap", [&] {
-    hwk_to_tap<scalar_t>(w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, H, W, k * k, W);
-  });
-  return out;
 }
 
 // feat (B,C,Hp,Wp), w -> (B,C,H,W)
@@ -666,10 +647,11 @@ at::Tensor acv_tr(const at::Tensor& g, const at::Tensor& w, int64_t k, bool tap_
   check_pair(g, w, "grad", "weights");
   const int B = g.size(0), C = g.size(1), H = g.size(2), W = g.size(3);
   check_weights(w, k, tap_major, B, H, W);
+  const at::Tensor wt = tap_major ? w : acv_to_tap(w, k);
   auto out = pooled_empty({B, C, H + k - 1, W + k - 1}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "acv_tr", [&] {
-    tr_impl<scalar_t>(g.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), tap_major,
-                      out.data_ptr<scalar_t>(), B, C, H, W, (int)k);
+    tr_impl<scalar_t>(g.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                      B, C, H, W, (int)k);
   });
   return out;
 }
