@@ -25,12 +25,15 @@ shipped agnostic JBU; ``{"checkpoint": NAME_OR_PATH}`` for another), or a JSON o
 
 Prints and appends one JSON line per row to ``--out`` (CamVid mIoU and boundary mIoU d=3, DAVIS
 fg IoU and boundary fg IoU d=3, x100; CPU seconds). About 1-3 CPU minutes per row on one thread.
+A row that cannot be built (bad JSON, unknown keyword, missing checkpoint): one line, exit code 1,
+before any row runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -168,10 +171,15 @@ def main() -> None:
     a = ap.parse_args()
     bb = CachedBackbone(upfeat.backbones.create(a.backbone), FeatureCache(4096, a.cache_dir))
     split = dev_split(bb.stride)
-    for text in a.rows:
-        row = json.loads(text) if text.lstrip().startswith("{") else text
+    rows = []
+    for text in a.rows:  # every row built before any is run: a bad one fails at once
+        try:
+            row = json.loads(text) if text.lstrip().startswith("{") else text
+            rows.append((text, row, resolve(build(row, bb.dim, bb.stride), bb, label=text)))
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            sys.exit(f"dev_split: bad row {text!r}: {type(e).__name__}: {e}")
+    for text, row, src in rows:
         t = time.process_time()
-        src = resolve(build(row, bb.dim, bb.stride), bb, label=text)
         out: dict = {"backbone": a.backbone, "row": row}
         for name in a.datasets.split(","):
             train, val = split[name]
