@@ -151,15 +151,21 @@ def test_real_features(real_image):
 @pytest.mark.parametrize("tap", [False, True])
 def test_large_output_streams_past_the_caches_unchanged(tap):
     """Outputs over 32 MB are written with streaming stores (and fenced): same values as the
-    shift backend, for both weight layouts (pixel-major and tap-major)."""
+    shift backend, for both weight layouts (pixel-major and tap-major), and so is the gradient
+    in feat (38.5 MB, 230-float rows that start anywhere in a cache line: tr's split stores)."""
     g = torch.Generator().manual_seed(0)
     feat = torch.randn(1, 96, 230, 230, generator=g)  # output 96 x 224 x 224 floats = 19 MB ...
     feat = torch.cat([feat, feat.flip(1)], 1)          # ... x 2 = 38.5 MB: streamed
+    feat.requires_grad_()
     w = torch.randn(1, 224, 224, 7, 7, generator=g)
     if tap:  # the tap-major view adaptive_conv also accepts (see upfeat.ops.jbu_kernel)
         w = w.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+    grad = torch.randn(1, 192, 224, 224, generator=g)
     out = adaptive_conv(feat, w, backend="cpp")
-    torch.testing.assert_close(out, adaptive_conv(feat, w, backend="shift"), rtol=1e-5, atol=1e-4)
+    ref = adaptive_conv(feat, w, backend="shift")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    (gf,), (gf_ref,) = (torch.autograd.grad(o, feat, grad) for o in (out, ref))
+    torch.testing.assert_close(gf, gf_ref, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -105,6 +105,22 @@ inline void vstream(T* p, const V& v) {
   vstore(p, v);
 }
 
+// For std::vector: storage on 64-byte boundaries (aligned vector loads and stores).
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U> Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, std::max<size_t>(1, n * sizeof(T))) != 0) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U> bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U> bool operator!=(const Aligned64<U>&) const { return false; }
+};
+
 // Streaming stores are weakly ordered: a worker fences them before handing its chunk back, so the
 // thread that joins the parallel region (and any later reader) sees the data.
 inline void stream_fence(bool streamed) {
@@ -149,6 +165,80 @@ inline __attribute__((always_inline)) void dispatch(int idx, F&& f) {
   }
 }
 
+// Where a register tile's output vectors go: vector (r, c) to o + c*oc + r*orow, its first nvalid
+// lanes. Rows that start mid cache line (tr's, Wp floats apart) can keep `carry` (L values per
+// row and channel, c*carry_c + r*L): each vector is then split at the line boundary, the part
+// completing the line begun by the previous column tile (first: none) is stored as a whole line
+// (streamed), and the rest waits in carry for the next tile, or is stored now (last). Only an
+// unaligned 64-byte store cannot be streamed, and tr's 81 MB output at 224² then costs a read of
+// every line before it is written (3-4 ms of tr's ~28).
+template <typename T>
+struct Sink {
+  T* o;
+  int64_t oc, orow;
+  int nvalid;
+  bool stream;
+  T* carry = nullptr;
+  int64_t carry_c = 0;
+  bool first = false, last = false;
+
+  Sink at(int r, int c) const {
+    Sink s = *this;
+    s.o += c * oc + r * orow;
+    if (carry) s.carry += c * carry_c + r * Vec<T>::L;
+    return s;
+  }
+
+  void put(int r, int c, const typename Vec<T>::type& v) const {
+    constexpr int L = Vec<T>::L;
+    T* op = o + c * oc + r * orow;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (carry) { put_split(op, (__m512)v, carry + c * carry_c + r * L); return; }
+    }
+#endif
+    if (nvalid == L) {
+      if (stream && ((uintptr_t)op & 63) == 0) vstream(op, v); else vstore(op, v);
+    } else {
+      T tmp[L];
+      vstore(tmp, v);
+      std::memcpy(op, tmp, sizeof(T) * nvalid);
+    }
+  }
+
+#if defined(__AVX512F__)
+  void put_split(float* op, __m512 v, float* cp) const {
+    const int m = ((uintptr_t)op & 63) >> 2;  // lanes of op's line before op
+    float* line = op - m;
+    if (((uintptr_t)op & 3) != 0 || m == 0) {  // (a float row that is not 4-byte aligned: plain stores)
+      if (nvalid == 16) {
+        if (stream && m == 0) _mm512_stream_ps(op, v); else _mm512_storeu_ps(op, v);
+      } else {
+        _mm512_mask_storeu_ps(op, (__mmask16)((1u << nvalid) - 1), v);
+      }
+      return;
+    }
+    // rot: lane n holds v[(n - m) mod 16], so lanes >= m continue this line and lanes < m
+    // begin the next one
+    const __m512i idx = _mm512_sub_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(m));
+    const __m512 rot = _mm512_permutexvar_ps(idx, v);
+    const __mmask16 head = (__mmask16)((1u << m) - 1);
+    const __m512 a = _mm512_mask_blend_ps(head, rot, _mm512_load_ps(cp));
+    const int hi = std::min(16, m + nvalid);
+    if (!first && hi == 16) {
+      if (stream) _mm512_stream_ps(line, a); else _mm512_store_ps(line, a);
+    } else {
+      _mm512_mask_storeu_ps(line, (__mmask16)(((1u << hi) - 1) & ~(first ? head : 0u)), a);
+    }
+    const int rest = nvalid - (16 - m);  // lanes of v past this line
+    if (rest <= 0) return;
+    if (last) _mm512_mask_storeu_ps(line + 16, (__mmask16)((1u << rest) - 1), rot);
+    else _mm512_store_ps(cp, rot);
+  }
+#endif
+};
+
 // R output rows x C_B channels x one vector (L columns): R*C_B accumulators (24 of the 32
 // registers for 4 x 6), so each feat vector load feeds up to R FMAs and each weight vector C_B:
 // (R + C_B) loads per R*C_B FMAs (the previous 2-row x 4-channel x 2-vector tile: 6 per 8). Feat row
@@ -156,9 +246,8 @@ inline __attribute__((always_inline)) void dispatch(int idx, F&& f) {
 // range is a compile-time constant of each step (dispatch), so no FMA multiplies a zero weight.
 // w: packed weights, tap t of row r at w + t*wt + r*L.
 template <typename T, int C_B, int R>
-inline void fwd_tile(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt, int k, T* o,
-                     int64_t oc, int64_t orow, int nvalid, const T* fnext = nullptr, bool stream = false,
-                     int64_t nfc = 0, int64_t nfr = 0) {
+inline void fwd_tile(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt, int k, const Sink<T>& out,
+                     const T* fnext = nullptr, int64_t nfc = 0, int64_t nfr = 0) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::L;
   V acc[R][C_B];
@@ -200,40 +289,25 @@ inline void fwd_tile(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt,
         __builtin_prefetch(fnext + c * nfc + s * nfr + L + k - 2);
       }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C_B; ++c) {
-      T* op = o + c * oc + r * orow;
-      if (nvalid == L) {
-        if (stream && ((uintptr_t)op & 63) == 0) vstream(op, acc[r][c]); else
-        vstore(op, acc[r][c]);
-      } else {
-        T tmp[L];
-        vstore(tmp, acc[r][c]);
-        std::memcpy(op, tmp, sizeof(T) * nvalid);
-      }
-    }
+    for (int c = 0; c < C_B; ++c) out.put(r, c, acc[r][c]);
 }
 
 // One tile of nr <= R rows and cb <= C_B channels: the full R x C_B register tile where it fits
 // (prefetching fnext, laid out with strides nfc/nfr), single rows / channels at the edges.
 template <typename T, int C_B, int R>
-inline void fwd_block(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt, int k, T* o,
-                      int64_t oc, int64_t orow, int nvalid, int nr, int cb, const T* fnext,
-                      bool stream, int64_t nfc = 0, int64_t nfr = 0) {
+inline void fwd_block(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt, int k, const Sink<T>& out,
+                      int nr, int cb, const T* fnext, int64_t nfc = 0, int64_t nfr = 0) {
   constexpr int L = Vec<T>::L;
   if (nr == R && cb == C_B) {
-    fwd_tile<T, C_B, R>(f, fc, fr, w, wt, k, o, oc, orow, nvalid, fnext, stream, nfc, nfr);
+    fwd_tile<T, C_B, R>(f, fc, fr, w, wt, k, out, fnext, nfc, nfr);
   } else if (nr == R) {
-    for (int c = 0; c < cb; ++c)
-      fwd_tile<T, 1, R>(f + c * fc, fc, fr, w, wt, k, o + c * oc, oc, orow, nvalid, nullptr, stream);
+    for (int c = 0; c < cb; ++c) fwd_tile<T, 1, R>(f + c * fc, fc, fr, w, wt, k, out.at(0, c));
   } else {
     for (int r = 0; r < nr; ++r) {
       if (cb == C_B) {
-        fwd_tile<T, C_B, 1>(f + r * fr, fc, fr, w + r * L, wt, k, o + r * orow, oc, orow, nvalid,
-                            nullptr, stream);
+        fwd_tile<T, C_B, 1>(f + r * fr, fc, fr, w + r * L, wt, k, out.at(r, 0));
       } else {
-        for (int c = 0; c < cb; ++c)
-          fwd_tile<T, 1, 1>(f + c * fc + r * fr, fc, fr, w + r * L, wt, k, o + c * oc + r * orow,
-                            oc, orow, nvalid, nullptr, stream);
+        for (int c = 0; c < cb; ++c) fwd_tile<T, 1, 1>(f + c * fc + r * fr, fc, fr, w + r * L, wt, k, out.at(r, c));
       }
     }
   }
@@ -245,10 +319,14 @@ inline void fwd_block(const T* f, int64_t fc, int64_t fr, const T* w, int64_t wt
 // per R*V_B FMAs (10 per 21 for 3 x 7, against 9 per 14 for the previous 2 x 7).
 // al: the tile's a, packed (channel c, row r at al + c*as + r*L); p: feat row 0, column v0 of
 // channel 0 (channel c, row s at p + c*pc + s*pr); o: output row 0, tap (0, v0) (tap t at
-// o + t*ot, row r at + r*orow). accumulate: add to o instead of overwriting it.
+// o + t*ot, row r at + r*orow). accumulate: add to o instead of overwriting it. an: the next
+// tile's a in place (channel c, row s at an + c*anc + s*anr; an_rows x an_ch of them), which its
+// packing will read from memory: prefetched into L2 meanwhile (in place its channels share an L1
+// set, so into L1 they would evict each other).
 template <typename T, int R, int V_B>
 inline void corr_tile(const T* al, int64_t as, const T* p, int64_t pc, int64_t pr, int C, int k, T* o,
-                      int64_t ot, int64_t orow, int nvalid, bool accumulate) {
+                      int64_t ot, int64_t orow, int nvalid, bool accumulate, const T* an = nullptr,
+                      int64_t anc = 0, int64_t anr = 0, int an_rows = 0, int an_ch = 0) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::L;
   for (int s = 0; s < R + k - 1; ++s) {
@@ -267,6 +345,7 @@ inline void corr_tile(const T* al, int64_t as, const T* p, int64_t pc, int64_t p
             __builtin_prefetch(pp + (c + PD) * pc);
             __builtin_prefetch(pp + (c + PD) * pc + L + V_B - 2);
           }
+          if (an && s < an_rows && c < an_ch) __builtin_prefetch(an + c * anc + s * anr, 0, 2);
           V x[R];
           for (int r = RLO; r <= RHI; ++r) x[r] = vload<V>(al + c * as + r * L);
           for (int v = 0; v < V_B; ++v) {
@@ -293,9 +372,11 @@ inline void corr_tile(const T* al, int64_t as, const T* p, int64_t pc, int64_t p
 
 template <typename T, int R>
 void corr_taps(const T* al, int64_t as, const T* p, int64_t pc, int64_t pr, int C, int k, T* o,
-               int64_t ot, int64_t orow, int nvalid, bool acc) {
+               int64_t ot, int64_t orow, int nvalid, bool acc, const T* an = nullptr,
+               int64_t anc = 0, int64_t anr = 0, int an_rows = 0, int an_ch = 0) {
   int v0 = 0;
-  for (; v0 + 7 <= k; v0 += 7) corr_tile<T, R, 7>(al, as, p + v0, pc, pr, C, k, o + v0 * ot, ot, orow, nvalid, acc);
+  for (; v0 + 7 <= k; v0 += 7, an = nullptr)  // (the next tile's a: prefetched once)
+    corr_tile<T, R, 7>(al, as, p + v0, pc, pr, C, k, o + v0 * ot, ot, orow, nvalid, acc, an, anc, anr, an_rows, an_ch);
   for (; v0 + 3 <= k; v0 += 3) corr_tile<T, R, 3>(al, as, p + v0, pc, pr, C, k, o + v0 * ot, ot, orow, nvalid, acc);
   for (; v0 < k; ++v0) corr_tile<T, R, 1>(al, as, p + v0, pc, pr, C, k, o + v0 * ot, ot, orow, nvalid, acc);
 }
@@ -384,7 +465,7 @@ void fwd_impl(const T* feat, const T* w, T* out, int64_t osb, int B, int C, int 
           // the next channel block's features, or the next tile's after the last block
           const T* fn = c0 + 2 * FC <= c_end ? (fc == HWp ? f + FC * fc : nullptr)
                         : next ? feat + ((int64_t)b * C + cg * CG) * HWp + (int64_t)i2 * Wp + j2 : nullptr;
-          fwd_block<T, FC, FR>(f, fc, fr, wt_, wt, k, o, HW, W, nvalid, nr, cb, fn, stream);
+          fwd_block<T, FC, FR>(f, fc, fr, wt_, wt, k, Sink<T>{o, HW, W, nvalid, stream}, nr, cb, fn);
         }
       }
     }
@@ -409,6 +490,8 @@ void tr_impl(const T* g, const T* w, T* gf, int B, int C, int H, int W, int k) {
     upfeat_simd::FlushDenormals ftz;
     const int span = (L + k - 1 + L - 1) / L * L;  // a border tile's local feature rows
     std::vector<T> fl((size_t)FC * (FR + k - 1) * span, T(0)), wl((size_t)K2 * FR * L);
+    // the unfinished cache line of each output row (Sink::carry), 64-byte aligned
+    std::vector<T, Aligned64<T>> carry((size_t)CG * FR * L);
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / (nit * ncg), it = (task / ncg) % nit, cg = task % ncg;
       const int c_end = std::min(C, (cg + 1) * CG), y_end = std::min(Hp, (it + 1) * IT);
@@ -469,7 +552,9 @@ void tr_impl(const T* g, const T* w, T* gf, int B, int C, int H, int W, int k) {
           // the next block's window in g (also for border tiles: their copies read it)
           const T* fn = c0 + 2 * FC <= c_end ? gb + FC * HW + (int64_t)i0 * W + j0
                         : pf ? g + ((int64_t)b * C + cg * CG) * HW + (int64_t)i0n * W + j0n : nullptr;
-          fwd_block<T, FC, FR>(f, fc, fr, wt_, wt, k, o, HWp, Wp, nvalid, nr, cb, fn, stream, HW, W);
+          const Sink<T> out{o, HWp, Wp, nvalid, stream, carry.data() + (size_t)(c0 - cg * CG) * FR * L,
+                            FR * L, x0 == 0, x0 + L >= Wp};
+          fwd_block<T, FC, FR>(f, fc, fr, wt_, wt, k, out, nr, cb, fn, HW, W);
         }
       }
     }
@@ -477,8 +562,24 @@ void tr_impl(const T* g, const T* w, T* gf, int B, int C, int H, int W, int k) {
   });
 }
 
+// One image row from tap-major to pixel-major: src tap t at src + t*ts (W values each) ->
+// dst (W x K2, contiguous). 16-pixel column blocks, as in hwk_to_tap.
 template <typename T>
-void corr_impl(const T* a, const T* p, T* o, int B, int C, int H, int W, int k) {
+inline void tap_row_to_hwk(const T* src, int64_t ts, T* dst, int W, int K2) {
+  for (int j0 = 0; j0 < W; j0 += 16) {
+    const int jn = std::min(16, W - j0);
+    T* db = dst + (int64_t)j0 * K2;
+    for (int t = 0; t < K2; ++t) {
+      const T* sr = src + (int64_t)t * ts + j0;
+      for (int j = 0; j < jn; ++j) db[(int64_t)j * K2 + t] = sr[j];
+    }
+  }
+}
+
+// o: (B,K2,H,W) if tap_major, else (B,H,W,K2): then each task's rows are summed tap-major in a
+// scratch buffer (in L2) and transposed from there, not through a tap-major copy in memory.
+template <typename T>
+void corr_impl(const T* a, const T* p, T* o, int B, int C, int H, int W, int k, bool tap_major) {
   constexpr int L = Vec<T>::L;
   constexpr int CR = 3;  // rows of corr_tile's register tile
   const int Hp = H + k - 1, Wp = W + k - 1, K2 = k * k;
@@ -495,15 +596,19 @@ void corr_impl(const T* a, const T* p, T* o, int B, int C, int H, int W, int k) 
     // al: one tile's a (CC x CR x L): its channels lie H*W floats apart in place, a multiple of
     // 4 KB for sizes like 224², so they would all fall in one L1 set.
     std::vector<T> al((size_t)CC * CR * L), pl((size_t)CC * (CR + k - 1) * span, T(0));
+    std::vector<T> scratch(tap_major ? 0 : (size_t)K2 * IT * W);
     for (int64_t task = begin; task < end; ++task) {
       const int b = task / nit, it = task % nit, i_end = std::min(H, (it + 1) * IT);
+      // this task's output: tap t, row it*IT + r at ot0 + t*ot + r*W
+      T* ot0 = tap_major ? o + (int64_t)b * K2 * HW + (int64_t)it * IT * W : scratch.data();
+      const int64_t ot = tap_major ? HW : (int64_t)IT * W;
       for (int c0 = 0; c0 < C; c0 += CC) {
         const int cc = std::min(CC, C - c0);
         const T* ab = a + ((int64_t)b * C + c0) * HW;
         const T* pb = p + ((int64_t)b * C + c0) * HWp;
         for (int i = it * IT; i < i_end; i += CR) {
           const int nr = std::min(CR, i_end - i);
-          T* ob = o + (int64_t)b * K2 * HW + (int64_t)i * W;
+          T* ob = ot0 + (int64_t)(i - it * IT) * W;
           for (int j0 = 0; j0 < W; j0 += L) {
             const int nvalid = std::min(L, W - j0);
             for (int c = 0; c < cc; ++c)
@@ -519,16 +624,31 @@ void corr_impl(const T* a, const T* p, T* o, int B, int C, int H, int W, int k) 
                             nvalid + k - 1, span);
               pp = pl.data(); pc = (int64_t)(CR + k - 1) * span; pr = span;
             }
+            // the next tile's a, for corr_tile to prefetch: 10 % at 448²
+            const T* an = nullptr;
+            int an_rows = 0, an_ch = cc;
+            if (j0 + L < W) {
+              an = ab + (int64_t)i * W + j0 + L, an_rows = nr;
+            } else if (i + CR < i_end) {
+              an = ab + (int64_t)(i + CR) * W, an_rows = std::min(CR, i_end - i - CR);
+            } else if (c0 + CC < C) {
+              an = ab + (int64_t)CC * HW + (int64_t)it * IT * W, an_rows = std::min(CR, i_end - it * IT);
+              an_ch = std::min(CC, C - c0 - CC);
+            }
             if (nr == CR) {
-              corr_taps<T, CR>(al.data(), CR * L, pp, pc, pr, cc, k, ob + j0, HW, W, nvalid, c0 > 0);
+              corr_taps<T, CR>(al.data(), CR * L, pp, pc, pr, cc, k, ob + j0, ot, W, nvalid, c0 > 0, an, HW, W,
+                               an_rows, an_ch);
             } else {  // the band's last rows, one at a time
               for (int r = 0; r < nr; ++r)
-                corr_taps<T, 1>(al.data() + r * L, CR * L, pp + r * pr, pc, pr, cc, k, ob + j0 + (int64_t)r * W, HW,
+                corr_taps<T, 1>(al.data() + r * L, CR * L, pp + r * pr, pc, pr, cc, k, ob + j0 + (int64_t)r * W, ot,
                                 W, nvalid, c0 > 0);
             }
           }
         }
       }
+      if (!tap_major)
+        for (int i = it * IT; i < i_end; ++i)
+          tap_row_to_hwk(ot0 + (int64_t)(i - it * IT) * W, ot, o + ((int64_t)b * H + i) * W * K2, W, K2);
     }
   });
 }
@@ -562,26 +682,6 @@ void check_padded(const at::Tensor& p, int64_t B, int64_t C, int64_t H, int64_t 
   TORCH_CHECK(p.size(0) == B && p.size(1) == C && p.size(2) == H + k - 1 && p.size(3) == W + k - 1,
               name, " of shape ", p.sizes(), " does not fit: expected (", B, ", ", C, ", ",
               H + k - 1, ", ", W + k - 1, ") for a ", H, "x", W, " output and k = ", k);
-}
-
-// (B,K2,H,W) -> (B,H,W,K2), the inverse of hwk_to_tap.
-template <typename T>
-void tap_to_hwk(const T* src, T* dst, int B, int H, int W, int K2) {
-  at::parallel_for(0, (int64_t)B * H, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / H, i = r % H;
-      T* d = dst + r * W * K2;
-      const T* s0 = src + (b * K2 * H + i) * W;
-      for (int j0 = 0; j0 < W; j0 += 16) {  // column blocks, as in hwk_to_tap
-        const int jn = std::min(16, W - j0);
-        T* db = d + (int64_t)j0 * K2;
-        for (int t = 0; t < K2; ++t) {
-          const T* sr = s0 + (int64_t)t * H * W + j0;
-          for (int j = 0; j < jn; ++j) db[(int64_t)j * K2 + t] = sr[j];
-        }
-      }
-    }
-  });
 }
 
 }  // namespace
@@ -663,15 +763,10 @@ at::Tensor acv_corr(const at::Tensor& a, const at::Tensor& p, int64_t k, bool ta
   TORCH_CHECK(k >= 1 && k % 2 == 1, "k must be odd and positive, got ", k);
   const int B = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3);
   check_padded(p, B, C, H, W, k, "p");
-  auto tm = pooled_empty({B, k * k, H, W}, a.options());
-  at::Tensor out = tm;
+  auto out = tap_major ? pooled_empty({B, k * k, H, W}, a.options()) : pooled_empty({B, H, W, k * k}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "acv_corr", [&] {
-    corr_impl<scalar_t>(a.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), tm.data_ptr<scalar_t>(),
-                        B, C, H, W, (int)k);
-    if (!tap_major) {
-      out = pooled_empty({B, H, W, k * k}, a.options());
-      tap_to_hwk<scalar_t>(tm.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, H, W, k * k);
-    }
+    corr_impl<scalar_t>(a.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                        B, C, H, W, (int)k, tap_major);
   });
   return out;
 }
