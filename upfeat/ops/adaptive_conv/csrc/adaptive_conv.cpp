@@ -169,9 +169,9 @@ inline __attribute__((always_inline)) void dispatch(int idx, F&& f) {
 // lanes. Rows that start mid cache line (tr's, Wp floats apart) can keep `carry` (L values per
 // row and channel, c*carry_c + r*L): each vector is then split at the line boundary, the part
 // completing the line begun by the previous column tile (first: none) is stored as a whole line
-// (streamed), and the rest waits in carry for the next tile, or is stored now (last). Only an
-// unaligned 64-byte store cannot be streamed, and tr's 81 MB output at 224² then costs a read of
-// every line before it is written (3-4 ms of tr's ~28).
+// (streamed), and the rest waits in carry for the next tile, or is stored now (last). An
+// unaligned 64-byte store can be neither streamed nor kept within one line: tr's 81 MB output at
+// 224² then costs a read of every line before it is written (3-4 ms of tr's ~26).
 template <typename T>
 struct Sink {
   T* o;
@@ -210,7 +210,8 @@ struct Sink {
   void put_split(float* op, __m512 v, float* cp) const {
     const int m = ((uintptr_t)op & 63) >> 2;  // lanes of op's line before op
     float* line = op - m;
-    if (((uintptr_t)op & 3) != 0 || m == 0) {  // (a float row that is not 4-byte aligned: plain stores)
+    // rows starting on a line need no split; a row not on a float boundary cannot be split
+    if (((uintptr_t)op & 3) != 0 || m == 0) {
       if (nvalid == 16) {
         if (stream && m == 0) _mm512_stream_ps(op, v); else _mm512_storeu_ps(op, v);
       } else {
