@@ -309,7 +309,7 @@ def test_raw_to_tap_is_the_permute(W):
         pytest.skip("C++ kernel unavailable")
     w = torch.randn(2, 3, W, 9)
     assert torch.equal(torch.ops.upfeat.acv_to_tap(w, 3), w.permute(0, 3, 1, 2))
-    tm = torch.randn(2, 3, 4, W)  # corr's tap-major result back to pixel-major (tap_to_hwk)
+    tm = torch.randn(2, 3, 4, W)  # corr's pixel-major result, transposed per row from its tap-major sums
     p = torch.randn(2, 3, 4 + 2, W + 2)
     torch.testing.assert_close(torch.ops.upfeat.acv_corr(tm, p, 3, False),
                                torch.ops.upfeat.acv_corr(tm, p, 3, True).permute(0, 2, 3, 1), rtol=0, atol=0)
